@@ -1,0 +1,275 @@
+"""The Hugging Face backend: standardized sites over nnsight's ``TransformersModel``.
+
+nnsight 0.8 runs the body of a ``with model.trace(...)`` block beside the model and hands
+it the real tensors as each module runs, so a read here is the live activation and an
+in-place edit of it acts on the model. Modules that return tuples (attention returns
+``(output, weights)``) are unpacked on read and repacked on write, so the standardized
+value is always a ``[batch, seq, hidden]`` tensor.
+
+Attention probabilities are not a module output in transformers: they are an
+intermediate of the attention function. With ``enable_attention_probs=True`` the model
+is loaded with eager attention, and the probabilities are the output of the dropout that
+follows the softmax inside that function, reached through nnsight's ``.source``. Reading
+that operation gives the probabilities the model uses; writing it changes the output.
+The operation's name is found at load time, not spelled per family.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nnterp.backends.base import Backend, SiteKind
+from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
+from nnterp.rename import ModulePaths, missing_paths, paths_for, resolve_path
+
+__all__ = ["HFBackend"]
+
+_PROBE_TEXT = "The quick brown fox"
+
+
+class HFBackend(Backend):
+    """Standardized sites on an nnsight ``TransformersModel``.
+
+    Args:
+        name_or_path: a Hugging Face model folder or hub id.
+        paths: where the components live, for a family nnterp does not know.
+        enable_attention_probs: load with eager attention so attention probabilities can
+            be read and written.
+        check: run the load-time probe that checks every accessor's shape.
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        paths: ModulePaths | None = None,
+        enable_attention_probs: bool = False,
+        check: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        from nnsight.modeling.transformers import TransformersModel
+
+        if enable_attention_probs:
+            requested = kwargs.get("attn_implementation")
+            if requested not in (None, "eager"):
+                raise ValueError(
+                    f"enable_attention_probs=True needs attn_implementation='eager' (the only "
+                    f"implementation that materialises probabilities), got {requested!r}"
+                )
+            kwargs["attn_implementation"] = "eager"
+        self.enable_attention_probs = enable_attention_probs
+        self.model = TransformersModel(name_or_path, task="text-generation", dispatch=True, **kwargs)
+        root = self.model._module
+        model_type = getattr(self.model.config, "model_type", "?")
+        self.paths = paths if paths is not None else paths_for(model_type, root)
+        problems = missing_paths(root, self.paths)
+        if problems:
+            raise ArchitectureNotSupportedError(_mapping_message(model_type, type(root).__name__, problems))
+        self._layers = resolve_path(self.model, self.paths.layers)
+        self._torch_layers = resolve_path(root, self.paths.layers)
+        self._final_norm = resolve_path(root, self.paths.final_norm) if self.paths.final_norm else None
+        self._lm_head = resolve_path(root, self.paths.lm_head)
+        # OPT variants whose word embeddings are narrower than the residual stream
+        # project back before the unembedding.
+        self._project_out = getattr(getattr(getattr(root, "model", None), "decoder", None), "project_out", None)
+        self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self._probs_ops: dict[int, tuple[str, str]] = {}
+        if check:
+            self._check_accessors()
+
+    # -- description -----------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._torch_layers)
+
+    # -- reading and writing ---------------------------------------------------------
+
+    def _envoy(self, kind: SiteKind, layer: int | None):
+        if kind is SiteKind.EMBEDDINGS_OUTPUT:
+            return resolve_path(self.model, self.paths.embeddings)
+        if kind is SiteKind.LOGITS:
+            return self.model
+        block = self._layers[layer]
+        if kind is SiteKind.ATTENTIONS_OUTPUT:
+            return resolve_path(block, self.paths.attention)
+        if kind is SiteKind.MLPS_OUTPUT:
+            return resolve_path(block, self.paths.mlp)
+        return block
+
+    def read(self, kind: SiteKind, layer: int | None) -> Any:
+        if kind is SiteKind.ATTENTION_PROBABILITIES:
+            return self._probs_op(layer).output
+        envoy = self._envoy(kind, layer)
+        if kind is SiteKind.LAYERS_INPUT:
+            return envoy.input
+        if kind is SiteKind.LOGITS:
+            return envoy.output.logits
+        out = envoy.output
+        return out[0] if isinstance(out, tuple) else out
+
+    def write(self, kind: SiteKind, layer: int | None, value: Any) -> None:
+        if kind is SiteKind.ATTENTION_PROBABILITIES:
+            self._probs_op(layer).output = value
+            return
+        envoy = self._envoy(kind, layer)
+        if kind is SiteKind.LAYERS_INPUT:
+            envoy.input = value
+            return
+        if kind is SiteKind.LOGITS:
+            # The causal-LM output is a ModelOutput; generation reads .logits from
+            # this same object after the forward returns.
+            envoy.output.logits = value
+            return
+        current = envoy.output
+        envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
+
+    def _probs_op(self, layer: int):
+        if not self.enable_attention_probs:
+            raise BackendUnsupportedError(
+                "attention probabilities need the model loaded with "
+                "StandardizedTransformer(..., enable_attention_probs=True)"
+            )
+        attention = self._envoy(SiteKind.ATTENTIONS_OUTPUT, layer)
+        call, op = self._probs_ops.get(layer) or self._find_probs_op(attention)
+        self._probs_ops[layer] = (call, op)
+        return attention.source.node(call).source.node(op)
+
+    @staticmethod
+    def _find_probs_op(attention) -> tuple[str, str]:
+        # The attention function is called last among the `attention_interface*`
+        # operations of the attention forward (earlier ones bind it); inside it, the
+        # probabilities are the dropout applied after the softmax, or the softmax
+        # itself where there is no dropout.
+        calls = [name for name in attention.source.names if name.startswith("attention_interface")]
+        if not calls:
+            raise ArchitectureNotSupportedError(
+                f"{attention.path}: its forward calls no attention_interface, so nnterp cannot "
+                f"find where attention probabilities are computed"
+            )
+        inner = attention.source.node(calls[-1]).source.names
+        for prefix in ("nn_functional_dropout", "dropout", "nn_functional_softmax", "softmax"):
+            ops = [name for name in inner if name.startswith(prefix)]
+            if ops:
+                return calls[-1], ops[-1]
+        raise ArchitectureNotSupportedError(
+            f"{attention.path}: the attention function has no softmax or dropout operation to read "
+            f"probabilities from (operations: {', '.join(inner)})"
+        )
+
+    # -- running -------------------------------------------------------------------------
+
+    def trace(self, *inputs: Any, **kwargs: Any):
+        max_tokens = kwargs.pop("max_tokens", 1)
+        if max_tokens is not None and max_tokens != 1:
+            raise ValueError(
+                f"trace runs one forward pass on the HF backend, so max_tokens={max_tokens} "
+                f"cannot apply; use model.generate(..., max_tokens={max_tokens}) to generate"
+            )
+        # A single forward pass is deterministic: sampling settings have nothing to act on.
+        for key in ("temperature", "top_p", "seed"):
+            kwargs.pop(key, None)
+        return self.model.trace(*inputs, **kwargs)
+
+    def generate(self, *inputs: Any, max_tokens: int = 1, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, **kwargs: Any):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = {"do_sample": temperature > 0}
+        if temperature > 0:
+            sampling.update(temperature=temperature, top_p=top_p)
+        else:
+            # The checkpoint's generation_config may ask for sampling; greedy is greedy.
+            sampling.update(temperature=None, top_p=None, top_k=None)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.model.generate(*inputs, max_new_tokens=max_tokens, **sampling, **kwargs)
+
+    def project_on_vocab(self, hidden: Any) -> Any:
+        # Direct module calls: inside a trace they run as ordinary torch code on the
+        # live tensor, and do not count as a call of lm_head that nnsight would watch.
+        x = hidden
+        if self._final_norm is not None:
+            x = self._final_norm(x)
+        if self._project_out is not None:
+            x = self._project_out(x)
+        logits = self._lm_head(x)
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def close(self) -> None:
+        pass
+
+    # -- load-time check -----------------------------------------------------------------
+
+    def _check_accessors(self) -> None:
+        """Read every accessor once on a short prompt and check its shape.
+
+        A family whose module outputs do not look like the residual stream (a layer
+        returning something else, an MLP path pointing at a sub-projection) fails
+        here, at load time, with every problem listed.
+        """
+        hidden = self.config.hidden_size
+        vocab = self._lm_head.out_features if hasattr(self._lm_head, "out_features") else None
+        seen: dict[str, Any] = {}
+        kinds = [SiteKind.LAYERS_INPUT, SiteKind.ATTENTIONS_OUTPUT, SiteKind.MLPS_OUTPUT, SiteKind.LAYERS_OUTPUT]
+        if self.enable_attention_probs:
+            kinds.insert(1, SiteKind.ATTENTION_PROBABILITIES)
+        with torch.no_grad(), self.model.trace(_PROBE_TEXT):
+            seen["embeddings_output"] = _describe(self.read(SiteKind.EMBEDDINGS_OUTPUT, None))
+            for layer in range(self.num_layers):
+                for kind in kinds:
+                    seen[f"{kind.value}[{layer}]"] = _describe(self.read(kind, layer))
+            seen["logits"] = _describe(self.read(SiteKind.LOGITS, None))
+        n_tokens = len(self.tokenizer(_PROBE_TEXT)["input_ids"])
+        problems = []
+        for key, got in seen.items():
+            if key.startswith("attention_probabilities"):
+                want = ("[1, heads, {n}, {n}], rows summing to 1".format(n=n_tokens))
+                ok = got[0] == 4 and got[1][0] == 1 and got[1][2:] == (n_tokens, n_tokens) and got[2]
+            elif key == "logits":
+                want = f"[1, {n_tokens}, {vocab or 'vocab'}]"
+                ok = got[0] == 3 and got[1][:2] == (1, n_tokens) and (vocab is None or got[1][2] == vocab)
+            else:
+                want = f"[1, {n_tokens}, {hidden}]"
+                ok = got[0] == 3 and got[1] == (1, n_tokens, hidden)
+            if not ok:
+                problems.append(f"{key}: expected a tensor {want}, got {got[3]}")
+        if problems:
+            raise ArchitectureNotSupportedError(
+                _mapping_message(self.config.model_type, type(self.model._module).__name__, problems)
+            )
+
+
+def _describe(value: Any) -> tuple:
+    """(ndim, shape, rows-sum-to-one, text) of a value, computed inside the trace."""
+    if not isinstance(value, torch.Tensor):
+        return (-1, (), False, type(value).__name__)
+    rows_one = bool(
+        value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=1e-3)
+    )
+    return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
+
+
+def _mapping_message(model_type: str, class_name: str, problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return (
+        f"nnterp cannot map {class_name} (model_type {model_type!r}) onto its standardized names:\n"
+        f"{lines}\n"
+        f"Pass the module paths yourself, e.g. StandardizedTransformer(name, paths=ModulePaths("
+        f"layers='model.layers', attention='self_attn', mlp='mlp', embeddings='model.embed_tokens', "
+        f"final_norm='model.norm', lm_head='lm_head')), with the names printed by print(model)."
+    )

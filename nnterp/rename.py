@@ -1,0 +1,181 @@
+"""Architecture naming: where each standardized component lives in a Hugging Face model.
+
+Hugging Face families spell the same transformer differently (``model.layers`` vs
+``transformer.h``, ``self_attn`` vs ``attn`` vs ``attention``, ``norm`` vs ``ln_f``).
+A `ModulePaths` says, for one family, where the decoder layers, their attention and MLP,
+the embedding, the final norm and the unembedding are, as dotted paths from the
+``*ForCausalLM`` module. The standardized accessors resolve through it and never spell
+a family's names themselves.
+
+Families not in `KNOWN_ARCHITECTURES` are tried against the common spellings; if none
+fits, loading fails with an error listing what is missing and how to pass
+``StandardizedTransformer(..., paths=ModulePaths(...))``.
+
+This module knows module names only; it imports neither nnsight nor a backend.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import attrs
+
+__all__ = ["ModulePaths", "KNOWN_ARCHITECTURES", "paths_for", "resolve_path", "missing_paths"]
+
+
+@attrs.frozen
+class ModulePaths:
+    """Where the standardized components live in one architecture.
+
+    Paths are dotted attribute paths from the causal-LM module (``model.layers``);
+    ``attention`` and ``mlp`` are relative to one decoder layer. ``final_norm`` may be
+    ``None`` for a model without one; every other path is required.
+
+    Example:
+        >>> ModulePaths(layers="transformer.h", attention="attn", mlp="mlp",
+        ...             embeddings="transformer.wte", final_norm="transformer.ln_f",
+        ...             lm_head="lm_head").layers
+        'transformer.h'
+    """
+
+    layers: str
+    attention: str
+    mlp: str
+    embeddings: str
+    final_norm: str | None
+    lm_head: str
+
+
+_LLAMA_LIKE = ModulePaths(
+    layers="model.layers",
+    attention="self_attn",
+    mlp="mlp",
+    embeddings="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+)
+
+#: model_type -> ModulePaths for every family nnterp is tested on.
+KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gpt2": ModulePaths(
+        layers="transformer.h",
+        attention="attn",
+        mlp="mlp",
+        embeddings="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+    ),
+    "gpt_neox": ModulePaths(
+        layers="gpt_neox.layers",
+        attention="attention",
+        mlp="mlp",
+        embeddings="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",
+    ),
+    # OPT computes its MLP inline (fc1 -> activation -> fc2); fc2's output is exactly
+    # the MLP's contribution to the residual stream.
+    "opt": ModulePaths(
+        layers="model.decoder.layers",
+        attention="self_attn",
+        mlp="fc2",
+        embeddings="model.decoder.embed_tokens",
+        final_norm="model.decoder.final_layer_norm",
+        lm_head="lm_head",
+    ),
+}
+
+# Spellings tried, in order, for a family that is not in the table.
+_CANDIDATES = {
+    "layers": ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"),
+    "attention": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "feed_forward", "ffn"),
+    "embeddings": ("model.embed_tokens", "transformer.wte", "gpt_neox.embed_in", "model.decoder.embed_tokens", "transformer.word_embeddings"),
+    "final_norm": ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm", "transformer.norm_f"),
+    "lm_head": ("lm_head", "embed_out"),
+}
+
+
+def resolve_path(root, path: str):
+    """Follow a dotted path of attributes (and integer indices) from ``root``.
+
+    Returns ``None`` when any step is missing, so callers can collect every missing
+    path before reporting them together.
+    """
+    node = root
+    for part in path.split("."):
+        if part.isdigit():
+            try:
+                node = node[int(part)]
+            except (IndexError, TypeError, KeyError):
+                return None
+        else:
+            node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _first_present(root, candidates: Iterable[str]) -> str | None:
+    for path in candidates:
+        if resolve_path(root, path) is not None:
+            return path
+    return None
+
+
+def paths_for(model_type: str, module) -> ModulePaths | None:
+    """The paths of a known family, or the common spellings that fit ``module``.
+
+    Returns ``None`` when a required component has no known spelling in ``module``;
+    `missing_paths` then says which.
+    """
+    if model_type in KNOWN_ARCHITECTURES:
+        return KNOWN_ARCHITECTURES[model_type]
+    found = _guess(module)
+    if any(found[key] is None for key in ("layers", "attention", "mlp", "embeddings", "lm_head")):
+        return None
+    return ModulePaths(**found)
+
+
+def _guess(module) -> dict:
+    layers = _first_present(module, _CANDIDATES["layers"])
+    first_layer = resolve_path(module, layers + ".0") if layers else None
+    return {
+        "layers": layers,
+        "attention": _first_present(first_layer, _CANDIDATES["attention"]) if first_layer is not None else None,
+        "mlp": _first_present(first_layer, _CANDIDATES["mlp"]) if first_layer is not None else None,
+        "embeddings": _first_present(module, _CANDIDATES["embeddings"]),
+        "final_norm": _first_present(module, _CANDIDATES["final_norm"]),
+        "lm_head": _first_present(module, _CANDIDATES["lm_head"]),
+    }
+
+
+def missing_paths(module, paths: ModulePaths | None) -> list[str]:
+    """Human-readable lines naming each component that does not resolve in ``module``."""
+    problems = []
+    guessed = _guess(module) if paths is None else None
+    for field in attrs.fields(ModulePaths):
+        key = field.name
+        if paths is not None:
+            path = getattr(paths, key)
+            if path is None and key == "final_norm":
+                continue
+            base = module
+            if key in ("attention", "mlp"):
+                base = resolve_path(module, f"{paths.layers}.0")
+                if base is None:
+                    continue  # reported under "layers"
+            if path is None or resolve_path(base, path) is None:
+                problems.append(f"{key}: no module at {path!r}")
+        elif guessed[key] is None and key != "final_norm":
+            problems.append(f"{key}: none of {', '.join(_CANDIDATES[key])} exists")
+    return problems

@@ -1,0 +1,284 @@
+"""`StandardizedTransformer`: one set of names over many architectures and two backends.
+
+The facade holds a `Backend` (``nnterp.backends.hf.HFBackend`` or
+``nnterp.backends.vllm.VLLMBackend``) and exposes its sites under standardized names:
+``layers_output[i]`` is the residual stream after decoder layer ``i`` whether the model
+calls its layers ``model.layers`` or ``transformer.h``, and whether it runs on
+transformers or on vLLM. Accessors are views: indexing one inside a trace asks the
+backend to read the site, and assigning to it asks the backend to write it.
+
+Anything not defined here falls through to the underlying nnsight model, so raw nnsight
+code (``model.model.layers[0].output``) keeps working on the same object.
+
+This module never imports ``nnterp.dsl``: the DSL builds on models, not the reverse.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from nnterp.backends.base import Backend, SiteKind
+from nnterp.bundled import resolve_model_name
+from nnterp.errors import BackendUnsupportedError
+from nnterp.rename import ModulePaths
+
+__all__ = ["StandardizedTransformer", "BACKENDS"]
+
+#: Backend names accepted by ``StandardizedTransformer(backend=...)``.
+BACKENDS = ("hf", "vllm")
+
+
+class _LayerAccessor:
+    """``accessor[i]`` reads a per-layer site; ``accessor[i] = v`` writes it.
+
+    Negative indices count from the last layer, as in Python sequences; an index out of
+    range is an ``IndexError`` that names the valid range, raised before nnsight sees it.
+    """
+
+    __slots__ = ("_owner", "_kind")
+
+    def __init__(self, owner: "StandardizedTransformer", kind: SiteKind) -> None:
+        self._owner = owner
+        self._kind = kind
+
+    def _index(self, layer: int) -> int:
+        n = self._owner.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{self._kind.value}[...] takes a layer index (int), got {type(layer).__name__}")
+        if not -n <= layer < n:
+            raise IndexError(f"{self._kind.value}[{layer}]: this model has {n} layers (valid: {-n}..{n - 1})")
+        return layer % n
+
+    def __getitem__(self, layer: int) -> Any:
+        return self._owner._backend.read(self._kind, self._index(layer))
+
+    def __setitem__(self, layer: int, value: Any) -> None:
+        self._owner._backend.write(self._kind, self._index(layer), value)
+
+    def __len__(self) -> int:
+        return self._owner.num_layers
+
+    def __repr__(self) -> str:
+        return f"<{self._kind.value}: {self._owner.num_layers} layers>"
+
+
+class StandardizedTransformer:
+    """A causal language model with standardized accessors, on the HF or vLLM backend.
+
+    Args:
+        name_or_path: a model folder, a hub id, or ``"bundled"`` (SmolLM2-135M-Instruct).
+        backend: ``"hf"`` (nnsight ``TransformersModel``) or ``"vllm"`` (nnsight ``VLLM``).
+        use_vllm: alias of ``backend="vllm"``.
+        enable_attention_probs: HF only: load with eager attention so
+            ``attention_probabilities[i]`` can be read and written.
+        paths: a `ModulePaths` for an architecture nnterp does not map itself.
+        **kwargs: passed to the backend: ``from_pretrained`` for HF, the engine for vLLM
+            (``dtype``, ``max_model_len``, ``tensor_parallel_size``, ...).
+
+    Example:
+        >>> model = StandardizedTransformer("bundled")                 # doctest: +SKIP
+        >>> with model.trace("The capital of France is"):              # doctest: +SKIP
+        ...     h = model.layers_output[10].save()
+        ...     probs = model.next_token_probs.save()
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        backend: str | None = None,
+        *,
+        use_vllm: bool = False,
+        enable_attention_probs: bool = False,
+        paths: ModulePaths | None = None,
+        **kwargs: Any,
+    ) -> None:
+        backend = _choose_backend(backend, use_vllm)
+        self.name_or_path = os.fspath(name_or_path)
+        path = resolve_model_name(name_or_path)
+        if backend == "hf":
+            from nnterp.backends.hf import HFBackend
+
+            self._backend: Backend = HFBackend(
+                path, paths=paths, enable_attention_probs=enable_attention_probs, **kwargs
+            )
+        else:
+            from nnterp.backends.vllm import VLLMBackend
+
+            if enable_attention_probs:
+                raise BackendUnsupportedError(
+                    "enable_attention_probs=True is not available on the vLLM backend: vLLM's fused "
+                    "attention never materialises probabilities. Use backend='hf' to read them."
+                )
+            self._backend = VLLMBackend(path, paths=paths, **kwargs)
+        self.layers_input = _LayerAccessor(self, SiteKind.LAYERS_INPUT)
+        self.layers_output = _LayerAccessor(self, SiteKind.LAYERS_OUTPUT)
+        self.attentions_output = _LayerAccessor(self, SiteKind.ATTENTIONS_OUTPUT)
+        self.mlps_output = _LayerAccessor(self, SiteKind.MLPS_OUTPUT)
+        self.attention_probabilities = _LayerAccessor(self, SiteKind.ATTENTION_PROBABILITIES)
+
+    # -- what the model is -------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """``"hf"`` or ``"vllm"``."""
+        return self._backend.name
+
+    @property
+    def is_vllm(self) -> bool:
+        return self._backend.name == "vllm"
+
+    @property
+    def config(self):
+        return self._backend.config
+
+    @property
+    def tokenizer(self):
+        return self._backend.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self._backend.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def nnsight_model(self):
+        """The underlying nnsight model, for code that needs raw module paths."""
+        return self._backend.model
+
+    # -- whole-model sites -------------------------------------------------------------
+
+    @property
+    def embeddings_output(self) -> Any:
+        return self._backend.read(SiteKind.EMBEDDINGS_OUTPUT, None)
+
+    @embeddings_output.setter
+    def embeddings_output(self, value: Any) -> None:
+        self._backend.write(SiteKind.EMBEDDINGS_OUTPUT, None, value)
+
+    @property
+    def logits(self) -> Any:
+        """The model's output logits (``[batch, seq, vocab]``) inside a trace."""
+        return self._backend.read(SiteKind.LOGITS, None)
+
+    @logits.setter
+    def logits(self, value: Any) -> None:
+        self._backend.write(SiteKind.LOGITS, None, value)
+
+    @property
+    def next_token_probs(self) -> Any:
+        """Softmax of the last position's logits, ``[batch, vocab]``.
+
+        Writing it sets the last position's logits to the log of the given
+        probabilities, which is what sampling then draws from.
+        """
+        return torch.softmax(self.logits[..., -1, :].float(), dim=-1)
+
+    @next_token_probs.setter
+    def next_token_probs(self, value: Any) -> None:
+        logits = self.logits
+        new = logits.clone()
+        new[..., -1, :] = torch.log(value).to(logits.dtype)
+        self.logits = new
+
+    # -- running -----------------------------------------------------------------------
+
+    def trace(self, *inputs: Any, **kwargs: Any):
+        """Open an nnsight trace of one forward pass (HF) or one vLLM request per prompt.
+
+        Sampling settings (``max_tokens``, ``temperature``, ``top_p``, ``seed``) are
+        accepted on both backends; on HF ``max_tokens`` above 1 is an error that points
+        to `generate`.
+        """
+        return self._backend.trace(*inputs, **kwargs)
+
+    def generate(self, *inputs: Any, max_tokens: int = 1, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, **kwargs: Any):
+        """Trace a generation of ``max_tokens`` new tokens; step with ``tracer.iter``."""
+        return self._backend.generate(
+            *inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, **kwargs
+        )
+
+    def project_on_vocab(self, hidden: Any) -> Any:
+        """Final norm and unembedding of a residual-stream tensor (logits over the vocab).
+
+        Works on a value inside a trace and on a saved tensor outside one.
+        """
+        if isinstance(hidden, torch.Tensor) and not _inside_trace(self):
+            with torch.no_grad():
+                return self._backend.project_on_vocab(hidden)
+        return self._backend.project_on_vocab(hidden)
+
+    def steer(self, layers: int | list[int], steering_vector: torch.Tensor, factor: float = 1.0,
+              positions: int | list[int] | None = None) -> None:
+        """Add ``factor * steering_vector`` to ``layers_output`` of each layer, inside a trace.
+
+        Args:
+            layers: a layer index or a list of them.
+            steering_vector: ``[hidden]``.
+            factor: scale applied to the vector.
+            positions: token positions to steer; ``None`` steers every position.
+        """
+        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        for layer in layer_list:
+            current = self.layers_output[layer]
+            delta = (factor * steering_vector).to(device=current.device, dtype=current.dtype)
+            steered = current.clone()
+            if positions is None:
+                steered = steered + delta
+            else:
+                steered[..., positions, :] = steered[..., positions, :] + delta
+            self.layers_output[layer] = steered
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the backend's resources (the vLLM engine and its processes)."""
+        self._backend.close()
+
+    def __enter__(self) -> "StandardizedTransformer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not defined above: fall through to nnsight, so raw
+        # module paths (model.model.layers[0]) work on the same object.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._backend.model, name)
+
+    def __repr__(self) -> str:
+        return (
+            f"StandardizedTransformer({self.name_or_path!r}, backend={self.backend!r}, "
+            f"num_layers={self.num_layers}, hidden_size={self.hidden_size})"
+        )
+
+
+def _choose_backend(backend: str | None, use_vllm: bool) -> str:
+    if backend is None:
+        return "vllm" if use_vllm else "hf"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if use_vllm and backend != "vllm":
+        raise ValueError(f"use_vllm=True contradicts backend={backend!r}; pass only one of them")
+    return backend
+
+
+def _inside_trace(model: StandardizedTransformer) -> bool:
+    interleaver = getattr(model._backend.model, "interleaver", None)
+    return bool(getattr(interleaver, "interleaving", False))
