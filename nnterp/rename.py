@@ -44,6 +44,8 @@ class ModulePaths:
     embeddings: str
     final_norm: str | None
     lm_head: str
+    #: the MLP module sees the tokens flattened to ``[batch * seq, hidden]`` (OPT)
+    mlp_flattens_tokens: bool = attrs.field(default=False, kw_only=True)
 
 
 _LLAMA_LIKE = ModulePaths(
@@ -80,7 +82,7 @@ KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
         mlp="mlp",
         embeddings="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",
     ),
     # OPT computes its MLP inline (fc1 -> activation -> fc2); fc2's output is exactly
     # the MLP's contribution to the residual stream.
@@ -91,6 +93,7 @@ KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
         embeddings="model.decoder.embed_tokens",
         final_norm="model.decoder.final_layer_norm",
         lm_head="lm_head",
+        mlp_flattens_tokens=True,
     ),
 }
 
@@ -165,6 +168,8 @@ def missing_paths(module, paths: ModulePaths | None) -> list[str]:
     guessed = _guess(module) if paths is None else None
     for field in attrs.fields(ModulePaths):
         key = field.name
+        if key == "mlp_flattens_tokens":
+            continue
         if paths is not None:
             path = getattr(paths, key)
             if path is None and key == "final_norm":

@@ -118,6 +118,13 @@ class HFBackend(Backend):
             return envoy.input
         if kind is SiteKind.LOGITS:
             return envoy.output.logits
+        if kind is SiteKind.MLPS_OUTPUT and self.paths.mlp_flattens_tokens:
+            # The attention output of the same layer runs just before the MLP and has
+            # the [batch, seq, hidden] shape; read it first, as nnsight needs model
+            # order. The view keeps in-place edits reaching the model.
+            shape = self.read(SiteKind.ATTENTIONS_OUTPUT, layer).shape
+            out = envoy.output
+            return (out[0] if isinstance(out, tuple) else out).view(shape)
         out = envoy.output
         return out[0] if isinstance(out, tuple) else out
 
@@ -134,6 +141,8 @@ class HFBackend(Backend):
             # this same object after the forward returns.
             envoy.output.logits = value
             return
+        if kind is SiteKind.MLPS_OUTPUT and self.paths.mlp_flattens_tokens:
+            value = value.reshape(-1, value.shape[-1])
         current = envoy.output
         envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
 
@@ -195,7 +204,11 @@ class HFBackend(Backend):
             # The checkpoint's generation_config may ask for sampling; greedy is greedy.
             sampling.update(temperature=None, top_p=None, top_k=None)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return self.model.generate(*inputs, max_new_tokens=max_tokens, **sampling, **kwargs)
+        # nnsight's `generate` decides between "trace" and "just run" by looking for a
+        # `with` statement in its caller's frame, which here is this function; open the
+        # generation trace explicitly so the caller's `with` block is what gets traced.
+        run_generation = type(self.model).generate.__wrapped__.__get__(self.model)
+        return self.model.trace(*inputs, fn=run_generation, max_new_tokens=max_tokens, **sampling, **kwargs)
 
     def project_on_vocab(self, hidden: Any) -> Any:
         # Direct module calls: inside a trace they run as ordinary torch code on the

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models of every family, the bundled model, loaded once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def bundled_path() -> Path:
+    import nnterp
+
+    return nnterp.bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, bundled_path):
+    """``tiny_dir(family)`` -> folder of a random-weight model of that family."""
+    root = tmp_path_factory.mktemp("tiny")
+
+    def make(family: str) -> Path:
+        return tiny_models.build(family, root / family, bundled_path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_models(tiny_dir):
+    """``hf_models(family, **kwargs)`` -> a StandardizedTransformer, cached per arguments."""
+    from nnterp import StandardizedTransformer
+
+    cache = {}
+
+    def load(family: str, **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            path = "bundled" if family == "bundled" else tiny_dir(family)
+            cache[key] = StandardizedTransformer(path, backend="hf", **kwargs)
+        return cache[key]
+
+    return load

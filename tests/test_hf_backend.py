@@ -1,0 +1,227 @@
+"""StandardizedTransformer on the HF backend, on a tiny model of every family and on SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from nnterp import ArchitectureNotSupportedError, ModulePaths, StandardizedTransformer
+from nnterp.rename import KNOWN_ARCHITECTURES, resolve_path
+from tiny_models import FAMILIES
+
+PROMPTS = ["The capital of France is", "Hello"]
+ALL = list(FAMILIES) + ["bundled"]
+
+
+def paths_of(model):
+    return KNOWN_ARCHITECTURES[model.config.model_type]
+
+
+def _plain_reference(path, prompt: str):
+    """Module outputs of a plain transformers model (no nnsight), via forward hooks."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    paths = KNOWN_ARCHITECTURES[model.config.model_type]
+    layers = resolve_path(model, paths.layers)
+    captured = {}
+
+    def hook(key):
+        def save(_module, _args, output):
+            captured[key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+        return save
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook(("layers", i))))
+        handles.append(resolve_path(layer, paths.attention).register_forward_hook(hook(("attentions", i))))
+        handles.append(resolve_path(layer, paths.mlp).register_forward_hook(hook(("mlps", i))))
+    with torch.no_grad():
+        captured["logits"] = model(**tokenizer(prompt, return_tensors="pt")).logits
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_accessors_equal_raw_module_outputs(family, hf_models, tiny_dir, bundled_path):
+    model = hf_models(family)
+    path = bundled_path if family == "bundled" else tiny_dir(family)
+    ref = _plain_reference(path, PROMPTS[0])
+    got = {}
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        for i in range(model.num_layers):
+            got[("attentions", i)] = model.attentions_output[i].save()
+            got[("mlps", i)] = model.mlps_output[i].save()
+            got[("layers", i)] = model.layers_output[i].save()
+        got["logits"] = model.logits.save()
+    for key, value in ref.items():
+        if key[0] == "mlps" and paths_of(model).mlp_flattens_tokens:
+            value = value.view(got[key].shape)  # the raw module sees [batch * seq, hidden]
+        assert got[key].shape == value.shape, key
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=f"{family} {key}")
+    assert got[("layers", 0)].shape == (1, len(model.tokenizer(PROMPTS[0])["input_ids"]), model.hidden_size)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_last_layer_through_project_on_vocab_is_logits(family, hf_models):
+    model = hf_models(family)
+    with torch.no_grad(), model.trace(PROMPTS):
+        last = model.layers_output[-1].save()
+        inside = model.project_on_vocab(model.layers_output[-1]).save()
+        logits = model.logits.save()
+    torch.testing.assert_close(model.project_on_vocab(last), logits, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(inside, logits, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_layers_input_is_previous_layers_output(family, hf_models):
+    model = hf_models(family)
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        out0 = model.layers_output[0].save()
+        in1 = model.layers_input[1].save()
+    torch.testing.assert_close(in1, out0)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_attention_probabilities_sum_to_one_and_edits_change_output(family, hf_models):
+    model = hf_models(family, enable_attention_probs=True)
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        probs = model.attention_probabilities[0].save()
+        clean = model.logits.save()
+    n = len(model.tokenizer(PROMPTS[0])["input_ids"])
+    assert probs.shape == (1, model.num_heads, n, n)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, model.num_heads, n), atol=1e-5, rtol=0)
+    # causal: nothing above the diagonal
+    assert torch.all(probs.triu(1) == 0)
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        current = model.attention_probabilities[0]
+        uniform = torch.tril(torch.ones_like(current))
+        model.attention_probabilities[0] = uniform / uniform.sum(-1, keepdim=True)
+        edited = model.logits.save()
+    assert (edited - clean).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_left_padded_batch_matches_each_prompt_alone(family, hf_models):
+    model = hf_models(family)
+    prompts = ["The capital of France is the city of", "Hi", "One two three"]
+    with torch.no_grad(), model.trace(prompts):
+        batch_mid = model.layers_output[1][:, -1].save()
+        batch_logits = model.logits[:, -1].save()
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad(), model.trace(prompt):
+            alone_mid = model.layers_output[1][:, -1].save()
+            alone_logits = model.logits[:, -1].save()
+        torch.testing.assert_close(batch_logits[i], alone_logits[0], atol=1e-4, rtol=1e-4, msg=f"{family} {prompt!r}")
+        torch.testing.assert_close(batch_mid[i], alone_mid[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_writing_a_layer_output_changes_later_layers_only(family, hf_models):
+    model = hf_models(family)
+    target = 1
+
+    def run(edit: bool):
+        outs = []
+        with torch.no_grad(), model.trace(PROMPTS[0]):
+            for i in range(model.num_layers):
+                if edit and i == target:
+                    model.layers_output[i] = model.layers_output[i] + 3.0
+                outs.append(model.layers_output[i].save())
+        return outs
+
+    clean, edited = run(False), run(True)
+    for i in range(model.num_layers):
+        if i < target:
+            torch.testing.assert_close(edited[i], clean[i], atol=0, rtol=0)
+        else:
+            assert (edited[i] - clean[i]).abs().max() > 1e-3, f"layer {i} unchanged"
+    torch.testing.assert_close(edited[target], clean[target] + 3.0)
+
+
+def test_in_place_edit_acts_on_the_model(hf_models):
+    model = hf_models("llama")
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        clean = model.logits.save()
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        model.layers_output[1][:] = 0
+        zeroed_next_input = model.layers_input[2].save()
+        edited = model.logits.save()
+    assert torch.all(zeroed_next_input == 0)
+    assert (edited - clean).abs().max() > 1e-4
+
+
+def test_write_attention_and_mlp_outputs(hf_models):
+    model = hf_models("gpt2")
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        embeddings_plus_positions = model.layers_input[0].save()
+        model.attentions_output[0] = torch.zeros_like(model.attentions_output[0])
+        model.mlps_output[0] = torch.zeros_like(model.mlps_output[0])
+        residual = model.layers_output[0].save()
+    # with both sublayers zeroed, layer 0 passes its input through unchanged
+    torch.testing.assert_close(residual, embeddings_plus_positions)
+
+
+def test_bundled_model_predicts_paris(hf_models):
+    model = hf_models("bundled")
+    with torch.no_grad(), model.trace("The capital of France is"):
+        probs = model.next_token_probs.save()
+    assert model.tokenizer.decode(probs[0].argmax()) == " Paris"
+    assert probs.shape == (1, model.vocab_size)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1), atol=1e-5, rtol=0)
+    assert (model.num_layers, model.hidden_size, model.num_heads, model.vocab_size) == (30, 576, 9, 49152)
+    assert model.backend == "hf" and model.is_vllm is False
+
+
+def test_next_token_probs_write_changes_the_prediction(hf_models):
+    model = hf_models("bundled")
+    target = model.tokenizer(" London")["input_ids"][0]
+    with torch.no_grad(), model.generate("The capital of France is", max_tokens=1) as tracer:
+        probs = torch.zeros(1, model.vocab_size)
+        probs[0, target] = 1.0
+        model.next_token_probs = probs
+        tokens = tracer.result.save()
+    assert tokens[0, -1].item() == target
+
+
+def test_layer_index_out_of_range_is_a_clear_error(hf_models):
+    model = hf_models("llama")
+    with pytest.raises(IndexError, match="3 layers"):
+        with model.trace("hi"):
+            model.layers_output[3].save()
+
+
+def test_unmappable_architecture_fails_at_load_naming_what_is_missing(tiny_dir):
+    with pytest.raises(ArchitectureNotSupportedError) as info:
+        StandardizedTransformer(tiny_dir("llama"), paths=ModulePaths(
+            layers="model.blocks", attention="self_attn", mlp="mlp", embeddings="model.embed_tokens",
+            final_norm="model.norm", lm_head="lm_head"))
+    message = str(info.value)
+    assert "layers: no module at 'model.blocks'" in message
+    assert "ModulePaths(" in message
+
+
+def test_paths_pointing_at_the_wrong_module_fail_the_shape_check(tiny_dir):
+    # q_proj exists but is not the attention output: the load-time probe catches the
+    # wrong width (q_proj maps 64 -> heads * head_dim = 64, so use k_proj: 64 -> 32)
+    with pytest.raises(ArchitectureNotSupportedError, match=r"attentions_output\[0\]: expected a tensor \[1, \d+, 64\]"):
+        StandardizedTransformer(tiny_dir("llama"), paths=ModulePaths(
+            layers="model.layers", attention="self_attn.k_proj", mlp="mlp", embeddings="model.embed_tokens",
+            final_norm="model.norm", lm_head="lm_head"))
+
+
+def test_trace_with_several_tokens_points_to_generate(hf_models):
+    model = hf_models("llama")
+    with pytest.raises(ValueError, match="model.generate"):
+        model.trace("hi", max_tokens=5)
+
+
+def test_greedy_generation_matches_transformers(hf_models, tiny_dir):
+    model = hf_models("qwen2")
+    with torch.no_grad(), model.generate("The capital of France is", max_tokens=6) as tracer:
+        ids = tracer.result.save()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir("qwen2"), dtype=torch.float32)
+    enc = model.tokenizer("The capital of France is", return_tensors="pt")
+    want = plain.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert ids.tolist() == want.tolist()
