@@ -13,6 +13,8 @@ __all__ = [
     "BackendUnsupportedError",
     "BundledModelError",
     "PromptTooLongError",
+    "ValidationError",
+    "GraphFormatError",
 ]
 
 
@@ -43,3 +45,66 @@ class BundledModelError(NnterpError, RuntimeError):
 
 class PromptTooLongError(NnterpError, ValueError):
     """A prompt has more tokens than the engine or model accepts."""
+
+
+#: How many problems an error message lists before it says "... and N more"; the
+#: exception's ``.problems`` always holds all of them.
+_MAX_LISTED = 50
+
+
+def _numbered(header: str, lines: list[str]) -> str:
+    shown = [f"{i}. {line}" for i, line in enumerate(lines[:_MAX_LISTED], start=1)]
+    if len(lines) > _MAX_LISTED:
+        shown.append(f"... and {len(lines) - _MAX_LISTED} more (see the exception's .problems)")
+    return "\n".join([header, *shown])
+
+
+class ValidationError(NnterpError, ValueError):
+    """A DSL graph does not fit the model (or backend) it was checked against.
+
+    Raised by ``nnterp.dsl.validate`` (and so by ``run``) before anything touches the
+    model, so a graph that would fail halfway through a forward pass, or silently do
+    nothing, is refused up front. It is separate from `GraphFormatError` because the
+    graph itself is well formed: the same graph may be valid for another model.
+
+    Attributes:
+        problems: every problem found, in graph order: ``nnterp.dsl.Problem`` values
+            with ``where``, ``what``, ``fix`` and ``node_index``.
+    """
+
+    def __init__(self, problems, header: str | None = None):
+        self.problems = tuple(problems)
+        self.header = header
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        top = header or f"the graph has {count} {noun}:"
+        super().__init__(_numbered(top, [str(p) for p in self.problems]))
+
+    def __reduce__(self):
+        return (type(self), (self.problems, self.header))
+
+
+class GraphFormatError(NnterpError, ValueError):
+    """A serialized DSL graph is not a document this nnterp can read.
+
+    Raised by ``nnterp.dsl.from_json`` / ``load`` for malformed, truncated, oversized,
+    unknown or newer-version documents; it is the only exception they raise for any
+    text, so callers (the command line, a server) can catch exactly this. It is separate
+    from `ValidationError` because it is about the document's structure, before any
+    model is involved.
+
+    Attributes:
+        problems: every structural problem found, as ``(path, message)`` pairs where
+            ``path`` is a JSON path such as ``$.graph[1].layer``.
+    """
+
+    def __init__(self, problems, header: str | None = None):
+        self.problems = [(str(path), str(message)) for path, message in problems]
+        self.header = header
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        top = header or f"not a readable nnterp graph document ({count} {noun}):"
+        super().__init__(_numbered(top, [f"{path}: {message}" for path, message in self.problems]))
+
+    def __reduce__(self):
+        return (type(self), (self.problems, self.header))
