@@ -1,0 +1,424 @@
+"""Validation: check a graph against a model's `ModelSpec` before anything runs.
+
+Invariants checked (one rule each, registered per node type with `rule`):
+
+* every layer index (of a site, a ``Steer``, an ``AttentionProbs``, a ``Lens`` layer)
+  is within ``-num_layers .. num_layers - 1``;
+* ``Steer`` vectors have ``hidden_size`` features, and ``Patch`` values have the site's
+  width in their last dimension (``vocab_size`` for ``logits``, else ``hidden_size``);
+* a ``Patch`` source site has the same width as the patched site;
+* output names are unique in the graph;
+* the backend runs the node type (``Grad`` and ``AttentionProbs`` need HF), and
+  ``AttentionProbs`` has a model loaded with ``enable_attention_probs=True``;
+* ``Lens.top_k`` is at most ``vocab_size``; a ``Grad`` target is a non-empty string or
+  a token id below ``vocab_size``.
+
+Malformed sites, types, signs and tensor ranks never get here: nodes refuse them when
+they are built. `problems` collects every problem and never raises for a user mistake
+(a rule that raises is an nnterp bug); `validate` raises one `ValidationError` listing
+all of them, in graph order, so a user fixes a graph in one round.
+
+This module never imports nnsight, vllm, transformers, json or the backends; reading a
+configuration by model name goes through `nnterp.dsl.config_spec`, imported on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator
+
+import attrs
+
+from nnterp.dsl.graph import Graph, as_graph
+from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Node, Patch, Read, Steer, Zero
+from nnterp.dsl.sites import Site
+from nnterp.dsl.spec import BACKENDS, ModelSpec, backends_supporting, supported_by
+from nnterp.errors import ValidationError
+
+__all__ = ["Problem", "problems", "validate", "rule"]
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with a graph for a model.
+
+    Args:
+        where: the node and field, e.g. ``"nodes[1] Steer.vector"`` (or ``"model"``
+            for a problem with the model itself).
+        what: what is wrong, with the value received and the rule it broke.
+        fix: one concrete way to fix it.
+        node_index: the node's index in the graph, or None.
+        node: the node itself (not part of equality: ``node_index`` identifies it).
+
+    Example:
+        >>> from nnterp.dsl import Graph, Steer, ModelSpec, validate, ValidationError
+        >>> spec = ModelSpec(num_layers=4, hidden_size=8, num_heads=2, vocab_size=100)
+        >>> try:
+        ...     validate(Graph([Steer(9, [0.0] * 3)]), spec)
+        ... except ValidationError as err:
+        ...     for p in err.problems:
+        ...         print(p.node_index, p.where)
+        0 nodes[0] Steer.layer
+        0 nodes[0] Steer.vector
+    """
+
+    where: str
+    what: str
+    fix: str
+    node_index: int | None = None
+    node: Node | None = attrs.field(default=None, kw_only=True, eq=False, repr=False)
+
+    @property
+    def message(self) -> str:
+        return f"{self.what}; {self.fix}"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}; fix: {self.fix}"
+
+
+@attrs.frozen
+class _Context:
+    """What a rule may look at besides the node: the spec, the node's place in the
+    graph, and the output names used by earlier nodes (name -> index)."""
+
+    spec: ModelSpec
+    index: int
+    node: Node
+    earlier_names: tuple[tuple[str, int], ...]
+
+    def problem(self, what: str, fix: str, field: str | None = None) -> Problem:
+        where = f"nodes[{self.index}] {type(self.node).__name__}"
+        if field is not None:
+            where = f"{where}.{field}"
+        return Problem(where, what, fix, self.index, node=self.node)
+
+
+Rule = Callable[[Any, _Context], Iterator[Problem]]
+#: node type -> rules registered for it, in registration order.
+_RULES: dict[type[Node], list[Rule]] = {}
+
+
+def rule(*node_types: type[Node]) -> Callable[[Rule], Rule]:
+    """Register a generator ``rule(node, ctx)`` yielding `Problem` for these node types.
+
+    Rules registered for `Node` apply to every node.
+    """
+
+    def register(function: Rule) -> Rule:
+        for node_type in node_types:
+            _RULES.setdefault(node_type, []).append(function)
+        return function
+
+    return register
+
+
+def _rules_for(node_type: type[Node]) -> list[Rule]:
+    # Node-wide rules first, then those of more specific classes.
+    out: list[Rule] = []
+    for cls in reversed(node_type.__mro__):
+        out.extend(_RULES.get(cls, ()))
+    return out
+
+
+def problems(graph: Graph, spec: ModelSpec) -> tuple[Problem, ...]:
+    """Every problem of ``graph`` for ``spec``, in graph order; never raises for a
+    user mistake."""
+    found: list[Problem] = []
+    names: dict[str, int] = {}
+    for index, node in enumerate(graph):
+        ctx = _Context(spec, index, node, tuple(names.items()))
+        for check in _rules_for(type(node)):
+            found.extend(check(node, ctx))
+        name = node.output_name
+        if name is not None and name not in names:
+            names[name] = index
+    return tuple(found)
+
+
+# -- rules -----------------------------------------------------------------------------
+
+
+def _layer_range(spec: ModelSpec) -> str:
+    return f"{-spec.num_layers} .. {spec.num_layers - 1}"
+
+
+def _layer_ok(layer: int, spec: ModelSpec) -> bool:
+    return -spec.num_layers <= layer < spec.num_layers
+
+
+#: Why a backend lacks a node type, for the message.
+_WHY_UNSUPPORTED = {
+    Grad: "vLLM runs inference kernels that keep no autograd graph",
+    AttentionProbs: "vLLM's fused attention kernels never materialise attention probabilities",
+}
+
+
+@rule(Node)
+def _check_backend_supports(node: Node, ctx: _Context) -> Iterator[Problem]:
+    node_type = type(node)
+    if node_type in ctx.spec.supported:
+        return
+    others = backends_supporting(node_type)
+    why = _WHY_UNSUPPORTED.get(node_type, "the backend has no rule for it")
+    if "hf" in others:
+        fix = (
+            f"run this graph on the HF backend: StandardizedTransformer(name, backend='hf'"
+            f"{', enable_attention_probs=True' if node_type is AttentionProbs else ''})"
+        )
+    elif others:
+        fix = f"run it on a backend that supports it: {', '.join(others)}"
+    else:
+        fix = "remove the node; no backend runs it"
+    yield ctx.problem(f"{node_type.__name__} is not available on the {ctx.spec.backend} backend ({why})", fix)
+
+
+@rule(Node)
+def _check_output_name_unique(node: Node, ctx: _Context) -> Iterator[Problem]:
+    name = node.output_name
+    if name is None:
+        return
+    for earlier, index in ctx.earlier_names:
+        if earlier == name:
+            other = type(ctx.node).__name__
+            yield ctx.problem(
+                f"output name {name!r} is already used by nodes[{index}]; results are "
+                "keyed by name, so one would hide the other",
+                f"give this {other} a different name, e.g. name={name + '_2'!r}",
+            )
+            return
+
+
+def _site_range_problem(site: Site, ctx: _Context, field: str) -> Iterator[Problem]:
+    if site.layer is not None and not _layer_ok(site.layer, ctx.spec):
+        yield ctx.problem(
+            f"site {str(site)!r} has layer {site.layer}, but this model has "
+            f"{ctx.spec.num_layers} layers (valid: {_layer_range(ctx.spec)})",
+            f"use a layer in {_layer_range(ctx.spec)}; negative indices count from the end",
+            field,
+        )
+
+
+@rule(Read, Zero, Patch, Grad)
+def _check_site_in_range(node: Any, ctx: _Context) -> Iterator[Problem]:
+    yield from _site_range_problem(node.site, ctx, "site")
+
+
+@rule(Patch)
+def _check_source_site_in_range(node: Patch, ctx: _Context) -> Iterator[Problem]:
+    if node.source is not None and node.source.site is not None:
+        yield from _site_range_problem(node.source.site, ctx, "source.site")
+
+
+@rule(Steer, AttentionProbs)
+def _check_layer_in_range(node: Any, ctx: _Context) -> Iterator[Problem]:
+    if not _layer_ok(node.layer, ctx.spec):
+        yield ctx.problem(
+            f"layer {node.layer} is out of range for a model with {ctx.spec.num_layers} "
+            f"layers (valid: {_layer_range(ctx.spec)})",
+            f"use a layer in {_layer_range(ctx.spec)}; negative indices count from the end",
+            "layer",
+        )
+
+
+@rule(Lens)
+def _check_lens_layers_in_range(node: Lens, ctx: _Context) -> Iterator[Problem]:
+    if node.layers == "all":
+        return
+    layers = (node.layers,) if isinstance(node.layers, int) else node.layers
+    bad = [layer for layer in layers if not _layer_ok(layer, ctx.spec)]
+    if bad:
+        yield ctx.problem(
+            f"layers {bad} are out of range for a model with {ctx.spec.num_layers} layers "
+            f"(valid: {_layer_range(ctx.spec)})",
+            f"use layers in {_layer_range(ctx.spec)}, or layers='all'",
+            "layers",
+        )
+
+
+@rule(Lens)
+def _check_top_k(node: Lens, ctx: _Context) -> Iterator[Problem]:
+    if node.top_k is not None and node.top_k > ctx.spec.vocab_size:
+        yield ctx.problem(
+            f"top_k={node.top_k} exceeds this model's vocab_size {ctx.spec.vocab_size}",
+            f"use top_k <= {ctx.spec.vocab_size}, or top_k=None for the full distribution",
+            "top_k",
+        )
+
+
+@rule(Steer)
+def _check_vector_width(node: Steer, ctx: _Context) -> Iterator[Problem]:
+    width = node.vector.shape[0]
+    if width != ctx.spec.hidden_size:
+        yield ctx.problem(
+            f"steering vector has {width} features but this model's hidden_size is "
+            f"{ctx.spec.hidden_size}",
+            f"build the vector from this model's layers_output ({ctx.spec.hidden_size} features)",
+            "vector",
+        )
+
+
+def _width(site: Site, spec: ModelSpec) -> int:
+    return spec.vocab_size if site.width == "vocab_size" else spec.hidden_size
+
+
+@rule(Patch)
+def _check_value_width(node: Patch, ctx: _Context) -> Iterator[Problem]:
+    if node.value is None:
+        return
+    expected = _width(node.site, ctx.spec)
+    got = node.value.shape[-1]
+    if got != expected:
+        yield ctx.problem(
+            f"value {node.value!r} ends in {got}, but {str(node.site)!r} has "
+            f"{node.site.width} {expected}",
+            f"pass a value whose last dimension is {expected}, e.g. one read from "
+            f"{str(node.site)!r} of this model",
+            "value",
+        )
+
+
+@rule(Patch)
+def _check_source_site_width(node: Patch, ctx: _Context) -> Iterator[Problem]:
+    if node.source is None or node.source.site is None:
+        return
+    source, target = node.source.site, node.site
+    if source.width != target.width:
+        yield ctx.problem(
+            f"source site {str(source)!r} has width {source.width} "
+            f"({_width(source, ctx.spec)}) but the patched site {str(target)!r} has "
+            f"{target.width} ({_width(target, ctx.spec)})",
+            "patch logits only from logits, and hidden-size sites only from hidden-size "
+            "sites; or omit source.site to read the patched site",
+            "source.site",
+        )
+
+
+@rule(AttentionProbs)
+def _check_attention_probs_enabled(node: AttentionProbs, ctx: _Context) -> Iterator[Problem]:
+    if AttentionProbs in ctx.spec.supported and not ctx.spec.attention_probs_enabled:
+        yield ctx.problem(
+            "the model was loaded without attention probabilities (its attention kernel "
+            "never materialises them)",
+            "load it with StandardizedTransformer(name, enable_attention_probs=True)",
+        )
+
+
+@rule(Grad)
+def _check_grad_target_nonempty(node: Grad, ctx: _Context) -> Iterator[Problem]:
+    if isinstance(node.target, str) and not node.target:
+        yield ctx.problem(
+            "target is the empty string, which has no token to take the gradient of",
+            "pass the target token's text (e.g. ' Paris') or its token id",
+            "target",
+        )
+
+
+@rule(Grad)
+def _check_grad_target_in_vocab(node: Grad, ctx: _Context) -> Iterator[Problem]:
+    if isinstance(node.target, int) and node.target >= ctx.spec.vocab_size:
+        yield ctx.problem(
+            f"target token id {node.target} is outside the vocabulary (vocab_size "
+            f"{ctx.spec.vocab_size})",
+            f"use a token id below {ctx.spec.vocab_size}, or the token's text",
+            "target",
+        )
+
+
+# -- public entry point ----------------------------------------------------------------
+
+
+def _model_problem(what: str, fix: str) -> ValidationError:
+    return ValidationError([Problem("model", what, fix)], header="cannot validate the graph:")
+
+
+def _spec_for(model: Any, backend: str | None) -> ModelSpec:
+    if backend is not None and backend not in BACKENDS:
+        raise _model_problem(
+            f"unknown backend {backend!r:.40}",
+            f"pass backend= one of {', '.join(map(repr, BACKENDS))}, or None",
+        )
+    if isinstance(model, ModelSpec):
+        if backend is None or backend == model.backend:
+            return model
+        # A hand-written spec describes sizes; asking for another backend re-derives
+        # what runs there.
+        return attrs.evolve(
+            model,
+            backend=backend,
+            supported=supported_by(backend),
+            attention_probs_enabled=model.attention_probs_enabled and backend == "hf",
+        )
+    if isinstance(model, (str, os.PathLike)):
+        from nnterp.dsl.config_spec import spec_for_name
+
+        try:
+            return spec_for_name(model, backend or "hf")
+        except (OSError, ValueError, KeyError) as err:
+            if isinstance(err, ValidationError):
+                raise
+            raise _model_problem(
+                f"could not read the configuration of model {os.fspath(model)!r:.200} "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+                "pass a local folder holding a config.json, a Hugging Face model name "
+                "already in the local cache, or 'bundled'",
+            ) from err
+    try:
+        spec = ModelSpec.from_model(model)
+    except TypeError as err:
+        raise TypeError(
+            f"validate(graph, model): {err}"
+        ) from err
+    if backend is not None and backend != spec.backend:
+        raise _model_problem(
+            f"the model was loaded with backend {spec.backend!r} but backend={backend!r} "
+            "was asked",
+            f"load it with StandardizedTransformer(name, backend={backend!r}), or leave "
+            "backend=None",
+        )
+    return spec
+
+
+def validate(graph: Graph | Node, model: Any, backend: str | None = None) -> ModelSpec:
+    """Check ``graph`` against a model without running it.
+
+    Args:
+        graph: a `Graph` (or a single node).
+        model: a loaded `StandardizedTransformer`, a `ModelSpec`, or a model name or
+            path (``"bundled"`` included), of which only the configuration is read: no
+            weights, no engine. A model loaded by name is assumed to be loaded the way
+            the graph needs (``run`` enables attention probabilities on HF when the
+            graph asks for them).
+        backend: ``"hf"`` or ``"vllm"``; for a loaded model it must match the model's,
+            for a name it defaults to ``"hf"``, for a spec it replaces the spec's.
+
+    Returns:
+        The `ModelSpec` the graph was checked against.
+
+    Raises:
+        ValidationError: listing every problem, in graph order (``.problems``); also
+            when the model's configuration cannot be read or the backend does not match.
+        TypeError: ``graph`` is not a graph or node, or ``model`` is none of the above.
+
+    Example:
+        >>> from nnterp.dsl import Grad, Lens, ModelSpec, Read, validate, ValidationError
+        >>> spec = ModelSpec(num_layers=30, hidden_size=576, num_heads=9,
+        ...                  vocab_size=49152, backend="vllm")
+        >>> validate(Read("layers[-1].output") >> Lens(top_k=10), spec).num_layers
+        30
+        >>> try:
+        ...     validate(Read("layers[30].output") >> Grad("layers[2].output", 11), spec)
+        ... except ValidationError as err:
+        ...     print(err)
+        the graph has 2 problems for vllm model (30 layers, hidden_size 576):
+        1. nodes[0] Read.site: site 'layers[30].output' has layer 30, but this model has 30 layers (valid: -30 .. 29); fix: use a layer in -30 .. 29; negative indices count from the end
+        2. nodes[1] Grad: Grad is not available on the vllm backend (vLLM runs inference kernels that keep no autograd graph); fix: run this graph on the HF backend: StandardizedTransformer(name, backend='hf')
+    """
+    graph = as_graph(graph)
+    spec = _spec_for(model, backend)
+    found = problems(graph, spec)
+    if found:
+        noun = "problem" if len(found) == 1 else "problems"
+        raise ValidationError(
+            found, header=f"the graph has {len(found)} {noun} for {spec.describe()}:"
+        )
+    return spec
