@@ -506,8 +506,10 @@ def _parse(text: Any) -> Any:
         raise fail(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}{hint}") from None
     except RecursionError:
         raise fail("not a graph document: arrays or objects are nested too deeply") from None
-    except ValueError as err:  # e.g. an integer with more digits than Python converts
-        raise fail(f"not a readable JSON document: {err}") from None
+    except ValueError:
+        # json.loads raises a plain ValueError for an integer with more digits than
+        # Python converts (4300 by default).
+        raise fail("not a graph document: a number has far too many digits") from None
 
 
 def from_json(text: str | bytes) -> Graph:

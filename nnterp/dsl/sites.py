@@ -145,8 +145,8 @@ class Site:
                 f"a site must be a string such as 'layers[5].output', got "
                 f"{type(text).__name__}; valid forms: {_valid_forms()}"
             )
-        if text in _SINGLE:
-            return cls(text, None, None)
+        if text == "logits":
+            return cls("logits", None, None)
         if text == "embeddings.output":
             return cls("embeddings", None, "output")
         match = _LAYERED_RE.fullmatch(text)
