@@ -39,8 +39,9 @@ _UNSUPPORTED: dict[str, frozenset[type[Node]]] = {
 
 
 def supported_by(backend: str) -> frozenset[type[Node]]:
-    """The node types ``backend`` can run."""
-    return frozenset(NODE_TYPES) - _UNSUPPORTED[backend]
+    """The node types ``backend`` can run (an unknown backend is refused by
+    `ModelSpec`'s own check, which runs after this default is computed)."""
+    return frozenset(NODE_TYPES) - _UNSUPPORTED.get(backend, frozenset())
 
 
 def backends_supporting(node_type: type[Node]) -> tuple[str, ...]:

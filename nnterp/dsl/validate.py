@@ -33,7 +33,7 @@ from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Node, Patch, Read, Steer, Zero
 from nnterp.dsl.sites import Site
 from nnterp.dsl.spec import BACKENDS, ModelSpec, backends_supporting, supported_by
-from nnterp.errors import ValidationError
+from nnterp.errors import NnterpError, ValidationError
 
 __all__ = ["Problem", "problems", "validate", "rule"]
 
@@ -353,9 +353,11 @@ def _spec_for(model: Any, backend: str | None) -> ModelSpec:
 
         try:
             return spec_for_name(model, backend or "hf")
-        except (OSError, ValueError, KeyError) as err:
-            if isinstance(err, ValidationError):
-                raise
+        except NnterpError:
+            raise  # e.g. BundledModelError, which already says how to fix it
+        except Exception as err:
+            # transformers and huggingface_hub raise many types for an unreadable or
+            # invalid configuration (OSError, ValueError, their own validation errors).
             raise _model_problem(
                 f"could not read the configuration of model {os.fspath(model)!r:.200} "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
