@@ -48,3 +48,23 @@ def hf_models(tiny_dir):
         return cache[key]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def vllm_models(tiny_dir):
+    """``vllm_models(family)`` -> a StandardizedTransformer on vLLM (CPU), one engine per
+    family for the whole session: an engine takes ~15 s to start."""
+    pytest.importorskip("vllm")
+    from nnterp import StandardizedTransformer
+
+    cache = {}
+
+    def load(family: str):
+        if family not in cache:
+            path = "bundled" if family == "bundled" else tiny_dir(family)
+            cache[family] = StandardizedTransformer(path, backend="vllm", dtype="float32")
+        return cache[family]
+
+    yield load
+    for model in cache.values():
+        model.close()

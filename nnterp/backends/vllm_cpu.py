@@ -1,0 +1,228 @@
+"""Run nnsight's ``VLLM`` wrapper on a CPU-only host (vLLM's CPU backend).
+
+nnsight 0.8.1 ships ``nnsight.modeling.vllm.VLLM`` for GPUs only. On a host
+with no CUDA device, the pieces below break or need care; this module handles them
+without editing nnsight or vLLM:
+
+1. **The meta model.** ``VLLM._load_meta`` builds a meta-device copy of the
+   module tree with vLLM's ``DummyModelLoader``. ``BaseModelLoader.load_model``
+   ends with ``torch.accelerator.empty_cache()``, which raises
+   ``RuntimeError: Cannot access accelerator device when none is available``
+   on a CPU-only torch. Nothing was allocated on any device (it is a meta
+   tree), so `cpu_meta_model_patch` turns that call into a no-op while nnsight
+   builds the tree. (vLLM's own ``CPUModelRunner`` does the same thing in the
+   engine process, see ``_set_torch_accelerator_to_noop``; the client process
+   never gets that treatment.)
+
+2. **The worker / model runner.** nnsight hard-codes
+   ``worker_cls="nnsight...NNsightGPUWorker"`` (``VLLM._WORKER_CLS``), a
+   subclass of vLLM's *GPU* ``Worker`` that builds a ``GPUModelRunner`` and then
+   swaps its class to ``NNsightGPUModelRunner`` (and refuses any other runner
+   type). On CPU the engine must use ``CPUWorker`` (CPU device, OMP thread
+   binding, CPU KV-cache sizing) and ``CPUModelRunner`` (CPU tensors instead of
+   CUDA buffers, no CUDA events/streams). `NNsightCPUWorker` is a
+   ``CPUWorker`` that also carries nnsight's RPC methods (``collect_nnsight``,
+   ``nnsight_register``, ...) and swaps its runner to `NNsightCPUModelRunner`,
+   whose MRO is ``NNsightGPUModelRunner -> CPUModelRunner -> GPUModelRunner``:
+   nnsight's hooks (``load_model``/``_update_states``/``execute_model``/
+   ``sample_tokens``/``_sample``) wrap the CPU runner's implementation. The
+   worker class is chosen by overriding ``VLLM._WORKER_CLS`` (passing
+   ``worker_cls=`` as a kwarg to ``VLLM(...)`` collides with nnsight's own
+   keyword and raises ``TypeError``). vLLM resolves the class by qualified name
+   in a *spawned* engine process, so the classes must live in an importable
+   module (this one), never in ``__main__``.
+
+3. **Engine arguments** (`cpu_engine_kwargs`). ``kv_cache_memory_bytes``
+   must be explicit: the default sizing takes ``gpu_memory_utilization`` (0.9)
+   of the node's *total RAM* and fails when that much is not free; an explicit
+   size also lets ``CPUWorker`` skip its warm-up forward pass. ``max_model_len``
+   is capped (2048) because the engine refuses to start unless one full-length
+   sequence fits that cache. ``float32`` keeps
+   activations comparable with a transformers reference (CPU bf16 is slow and
+   lossy). Prefix caching off, because a cached prefix skips the forward and a
+   hook would silently see fewer tokens; eager mode, because hooks cannot fire
+   inside a compiled graph (nnsight forces ``enforce_eager`` anyway when no
+   ``taps`` are given; taps are CUDA-graph only, so don't pass them here).
+
+4. **Shutdown** (`shutdown_vllm`). ``vllm.LLM`` has no ``close``; the engine
+   core and its worker are child processes that only go away when
+   ``llm.llm_engine.engine_core.shutdown()`` runs (or at interpreter exit).
+   Call it before building a second engine in the same process.
+
+Importing vLLM is slow and initialises its platform, so vLLM is only imported
+inside functions; the worker classes are built lazily on first attribute access
+(module ``__getattr__``), which is also how vLLM's ``resolve_obj_by_qualname``
+reaches them in the engine process.
+
+Other CPU constraints worth knowing: vLLM's CPU attention supports only some
+head sizes (32, 64, 80, 96, 112, 128, ...); ``VLLM_CPU_KVCACHE_SPACE`` (GiB),
+if set in the environment, overrides ``kv_cache_memory_bytes``; the engine
+process binds OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``), so don't
+call ``torch.set_num_threads`` in the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+WORKER_CLS = "nnterp.backends.vllm_cpu.NNsightCPUWorker"
+
+DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+# The engine refuses to start unless one max_model_len sequence fits the KV
+# cache; a checkpoint's full context (8192 for SmolLM2: 0.35 GiB in float32)
+# would not fit the default 256 MiB, so cap it.
+DEFAULT_MAX_MODEL_LEN = 2048
+
+_LAZY_CLASSES = ("NNsightCPUWorker", "NNsightCPUModelRunner", "CPUVLLM")
+_built: dict[str, Any] = {}
+
+
+def is_cpu_only() -> bool:
+    """True when the CPU path is needed: no CUDA device is available."""
+    return not torch.cuda.is_available()
+
+
+def cpu_engine_kwargs(**user_kwargs: Any) -> dict[str, Any]:
+    """Engine kwargs for ``VLLM(path, **cpu_engine_kwargs(), dispatch=True)`` on CPU.
+
+    Defaults: float32, a 256 MiB KV cache, ``max_model_len=2048`` (must fit the
+    cache), prefix caching off, eager mode.
+    Anything in ``user_kwargs`` overrides them. ``worker_cls`` is *not*
+    returned: nnsight passes its own, so it is set via `cpu_meta_model_patch`
+    / `CPUVLLM` instead (a ``worker_cls`` given here raises ``TypeError``).
+    """
+    if "worker_cls" in user_kwargs:
+        raise TypeError(
+            "worker_cls cannot be passed to nnsight's VLLM (it sets its own); "
+            "use cpu_meta_model_patch() or CPUVLLM, which select NNsightCPUWorker."
+        )
+    kwargs: dict[str, Any] = {
+        "dtype": "float32",
+        "kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES,
+        "max_model_len": DEFAULT_MAX_MODEL_LEN,
+        "enable_prefix_caching": False,
+        "enforce_eager": True,
+    }
+    kwargs.update(user_kwargs)
+    return kwargs
+
+
+def _empty_cache_noop(*args: Any, **kwargs: Any) -> None:
+    """Stand-in for ``torch.accelerator.empty_cache`` on a host with no accelerator."""
+
+
+@contextlib.contextmanager
+def cpu_meta_model_patch() -> Iterator[None]:
+    """Context for constructing/dispatching an nnsight ``VLLM`` on CPU.
+
+    Makes ``torch.accelerator.empty_cache`` a no-op (the meta-model build calls
+    it) and points ``VLLM._WORKER_CLS`` at `NNsightCPUWorker`. Wrap the
+    ``VLLM(...)`` construction with ``dispatch=True``; a lazily dispatched
+    model must also dispatch inside it (or use `CPUVLLM`, which needs no
+    context). Does nothing when CUDA is available.
+    """
+    if not is_cpu_only():
+        yield
+        return
+    from unittest import mock
+
+    from nnsight.modeling.vllm import VLLM
+
+    with mock.patch.object(torch.accelerator, "empty_cache", _empty_cache_noop), \
+            mock.patch.object(VLLM, "_WORKER_CLS", WORKER_CLS):
+        yield
+
+
+def load_cpu_vllm(model: str, **kwargs: Any) -> Any:
+    """Build a dispatched nnsight ``VLLM`` on CPU: `cpu_engine_kwargs` + patch."""
+    from nnsight.modeling.vllm import VLLM
+
+    kwargs.setdefault("dispatch", True)
+    with cpu_meta_model_patch():
+        return VLLM(model, **cpu_engine_kwargs(**kwargs))
+
+
+def shutdown_vllm(model: Any) -> None:
+    """Stop the engine behind an nnsight ``VLLM`` and reap its process.
+
+    ``LLM`` has no ``close``; the V1 ``LLMEngine`` owns an ``EngineCoreClient``
+    whose ``shutdown`` terminates the engine-core process (and its workers).
+    """
+    import gc
+
+    llm = getattr(model, "vllm_entrypoint", None)
+    if llm is None:
+        return
+    engine = getattr(llm, "llm_engine", llm)
+    client = getattr(engine, "engine_core", None)
+    if client is not None and hasattr(client, "shutdown"):
+        client.shutdown()
+    model.vllm_entrypoint = None
+    del llm, engine, client
+    gc.collect()
+
+
+def _build(name: str) -> Any:
+    """Create the vLLM-dependent classes (imports vLLM)."""
+    if name in _built:
+        return _built[name]
+
+    from nnsight.modeling.vllm import VLLM
+    from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
+    from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    class NNsightCPUModelRunner(NNsightGPUModelRunner, CPUModelRunner):
+        """nnsight's intervention hooks over vLLM's CPU model runner."""
+
+    class NNsightCPUWorker(NNsightGPUWorker, CPUWorker):
+        """vLLM's CPU worker, with nnsight's RPCs and model runner."""
+
+        def init_device(self) -> None:
+            # Skip NNsightGPUWorker.init_device: it insists on a GPUModelRunner.
+            CPUWorker.init_device(self)
+            runner = self.model_runner
+            if type(runner) is not CPUModelRunner:
+                raise NotImplementedError(
+                    f"nnsight's CPU worker instruments vLLM's CPUModelRunner, got "
+                    f"{type(runner).__module__}.{type(runner).__name__}. Unset "
+                    "VLLM_USE_V2_MODEL_RUNNER."
+                )
+            runner.__class__ = NNsightCPUModelRunner
+
+    class CPUVLLM(VLLM):
+        """``VLLM`` that builds its meta tree and engine for CPU without a patch context."""
+
+        _WORKER_CLS = WORKER_CLS
+
+        def _load_meta(self, repo_id: str, **kwargs: Any) -> Any:
+            with mock_empty_cache():
+                return super()._load_meta(repo_id, **kwargs)
+
+    for cls in (NNsightCPUModelRunner, NNsightCPUWorker, CPUVLLM):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+        _built[cls.__name__] = cls
+    return _built[name]
+
+
+@contextlib.contextmanager
+def mock_empty_cache() -> Iterator[None]:
+    """Only the ``torch.accelerator.empty_cache`` no-op of `cpu_meta_model_patch`."""
+    if not is_cpu_only():
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch.object(torch.accelerator, "empty_cache", _empty_cache_noop):
+        yield
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_CLASSES:
+        return _build(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
