@@ -80,8 +80,8 @@ class Graph:
             else "; "
         )
         raise TypeError(
-            f"cannot compose a value of type {type(other).__name__} with >> (on the {side}): only nodes "
-            f"and graphs compose{hint}wrap several nodes with Graph([...])"
+            f"cannot compose a value of type {type(other).__name__} with >> (on the {side}): "
+            f"only nodes and graphs compose{hint}wrap several nodes with Graph([...])"
         )
 
     def __rshift__(self, other: Any) -> "Graph":

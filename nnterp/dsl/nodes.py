@@ -374,7 +374,9 @@ class Source:
     """
 
     prompt: str = attrs.field(converter=_converter(_prompt))
-    site: Site | None = attrs.field(default=None, kw_only=True, converter=_converter(_optional_site))
+    site: Site | None = attrs.field(
+        default=None, kw_only=True, converter=_converter(_optional_site)
+    )
     position: int = attrs.field(default=-1, kw_only=True, converter=_converter(_position))
 
     def __repr__(self) -> str:
@@ -403,7 +405,9 @@ class Patch(Node):
     """
 
     site: Site = attrs.field(converter=_converter(_site))
-    value: TensorValue | None = attrs.field(default=None, kw_only=True, converter=_converter(_tensor))
+    value: TensorValue | None = attrs.field(
+        default=None, kw_only=True, converter=_converter(_tensor)
+    )
     source: Source | None = attrs.field(default=None, kw_only=True, converter=_converter(_source))
     positions: Positions = attrs.field(default=-1, kw_only=True, converter=_converter(_positions))
 

@@ -105,8 +105,14 @@ def _encode(value: Any) -> Any:
 
 def _document(graph: Graph) -> dict[str, Any]:
     nodes = []
-    for node in graph:
-        entry = {"op": _TAG_OF[type(node)]}
+    for index, node in enumerate(graph):
+        tag = _TAG_OF.get(type(node))
+        if tag is None:
+            raise TypeError(
+                f"nodes[{index}] is a {type(node).__name__}, which has no JSON form; only "
+                f"the built-in nodes serialize ({', '.join(c.__name__ for c in OPS.values())})"
+            )
+        entry = {"op": tag}
         for field in attrs.fields(type(node)):
             entry[field.name] = _encode(getattr(node, field.name))
         nodes.append(entry)
@@ -229,7 +235,12 @@ def _key_path(path: str, key: str) -> str:
 
 
 def _check_keys(
-    obj: _Object, path: str, allowed: tuple[str, ...], required: tuple[str, ...], report: _Report, what: str
+    obj: _Object,
+    path: str,
+    allowed: tuple[str, ...],
+    required: tuple[str, ...],
+    report: _Report,
+    what: str,
 ) -> bool:
     ok = True
     for key in obj.duplicates:
@@ -260,16 +271,23 @@ def _int(value: Any, path: str, report: _Report, what: str, minimum: int | None 
     return value
 
 
-def _int_list(value: list, path: str, report: _Report, what: str, minimum: int | None = None) -> Any:
+def _int_list(
+    value: list, path: str, report: _Report, what: str, minimum: int | None = None
+) -> Any:
     if not value:
         return report.add(path, f"{what} must not be an empty array")
-    items = [_int(item, f"{path}[{i}]", report, f"each of {what}", minimum) for i, item in enumerate(value)]
+    items = [
+        _int(item, f"{path}[{i}]", report, f"each of {what}", minimum)
+        for i, item in enumerate(value)
+    ]
     return _BAD if any(item is _BAD for item in items) else items
 
 
 def _d_site(value: Any, path: str, report: _Report) -> Any:
     if not isinstance(value, str):
-        return report.add(path, f"site must be a string such as \"layers[5].output\", got {_kind(value)}")
+        return report.add(
+            path, f'site must be a string such as "layers[5].output", got {_kind(value)}'
+        )
     try:
         return Site.parse(value)
     except ValueError as err:
@@ -291,7 +309,9 @@ def _d_positions(value: Any, path: str, report: _Report) -> Any:
         return _int_list(value, path, report, "positions")
     if type(value) is int:
         return value
-    return report.add(path, f"positions must be an integer, an array of integers or null, got {_kind(value)}")
+    return report.add(
+        path, f"positions must be an integer, an array of integers or null, got {_kind(value)}"
+    )
 
 
 def _d_position(value: Any, path: str, report: _Report) -> Any:
@@ -305,7 +325,9 @@ def _d_steps(value: Any, path: str, report: _Report) -> Any:
         return _int_list(value, path, report, "steps", minimum=0)
     if type(value) is int:
         return _int(value, path, report, "steps", minimum=0)
-    return report.add(path, f'steps must be an integer, an array of integers or "all", got {_kind(value)}')
+    return report.add(
+        path, f'steps must be an integer, an array of integers or "all", got {_kind(value)}'
+    )
 
 
 def _d_layers(value: Any, path: str, report: _Report) -> Any:
@@ -315,7 +337,9 @@ def _d_layers(value: Any, path: str, report: _Report) -> Any:
         return _int_list(value, path, report, "layers")
     if type(value) is int:
         return value
-    return report.add(path, f'layers must be "all", an integer or an array of integers, got {_kind(value)}')
+    return report.add(
+        path, f'layers must be "all", an integer or an array of integers, got {_kind(value)}'
+    )
 
 
 def _d_optional_name(value: Any, path: str, report: _Report) -> Any:
@@ -356,7 +380,9 @@ def _d_target(value: Any, path: str, report: _Report) -> Any:
 
 def _d_tensor(value: Any, path: str, report: _Report) -> Any:
     if not isinstance(value, dict):
-        return report.add(path, f'a tensor must be an object {{"dtype", "shape", "data"}}, got {_kind(value)}')
+        return report.add(
+            path, f'a tensor must be an object {{"dtype", "shape", "data"}}, got {_kind(value)}'
+        )
     if not _check_keys(value, path, _TENSOR_KEYS, _TENSOR_KEYS, report, "a tensor"):
         return _BAD
     ok = True
@@ -368,10 +394,16 @@ def _d_tensor(value: Any, path: str, report: _Report) -> Any:
         report.add(f"{path}.shape", f"shape must be an array of integers, got {_kind(shape)}")
         ok = False
     elif len(shape) > MAX_TENSOR_NDIM:
-        report.add(f"{path}.shape", f"a tensor may have at most {MAX_TENSOR_NDIM} dimensions, got {len(shape)}")
+        report.add(
+            f"{path}.shape",
+            f"a tensor may have at most {MAX_TENSOR_NDIM} dimensions, got {len(shape)}",
+        )
         ok = False
     else:
-        dims = [_int(d, f"{path}.shape[{i}]", report, "a dimension", minimum=0) for i, d in enumerate(shape)]
+        dims = [
+            _int(d, f"{path}.shape[{i}]", report, "a dimension", minimum=0)
+            for i, d in enumerate(shape)
+        ]
         ok = ok and all(d is not _BAD for d in dims)
     raw = b""
     if not isinstance(data, str):
@@ -414,29 +446,71 @@ def _d_source(value: Any, path: str, report: _Report) -> Any:
     if value is None:
         return None
     if not isinstance(value, dict):
-        return report.add(path, f'source must be an object {{"prompt", "site", "position"}} or null, got {_kind(value)}')
+        return report.add(
+            path,
+            f'source must be an object {{"prompt", "site", "position"}} or null, '
+            f"got {_kind(value)}",
+        )
     return _build(Source, _SOURCE_FIELDS, value, path, report, "a Source")
 
 
 Decoder = Callable[[Any, str, _Report], Any]
 #: op -> field -> decoder; the keys must be the class's attrs fields (checked below).
 _FIELDS: dict[str, dict[str, Decoder]] = {
-    "read": {"site": _d_site, "positions": _d_positions, "steps": _d_steps, "name": _d_optional_name},
+    "read": {
+        "site": _d_site,
+        "positions": _d_positions,
+        "steps": _d_steps,
+        "name": _d_optional_name,
+    },
     "zero": {"site": _d_site, "positions": _d_positions},
-    "patch": {"site": _d_site, "value": _d_optional_tensor, "source": _d_source, "positions": _d_positions},
-    "steer": {"layer": _d_layer, "vector": _d_tensor, "scale": _d_scale, "positions": _d_positions},
-    "lens": {"layers": _d_layers, "positions": _d_positions, "steps": _d_steps, "top_k": _d_top_k, "name": _d_name},
-    "grad": {"site": _d_site, "target": _d_target, "positions": _d_positions, "name": _d_optional_name},
+    "patch": {
+        "site": _d_site,
+        "value": _d_optional_tensor,
+        "source": _d_source,
+        "positions": _d_positions,
+    },
+    "steer": {
+        "layer": _d_layer,
+        "vector": _d_tensor,
+        "scale": _d_scale,
+        "positions": _d_positions,
+    },
+    "lens": {
+        "layers": _d_layers,
+        "positions": _d_positions,
+        "steps": _d_steps,
+        "top_k": _d_top_k,
+        "name": _d_name,
+    },
+    "grad": {
+        "site": _d_site,
+        "target": _d_target,
+        "positions": _d_positions,
+        "name": _d_optional_name,
+    },
     "attention_probs": {"layer": _d_layer, "name": _d_optional_name},
 }
-for _op, _cls in OPS.items():  # a node class and its table must never drift apart
-    assert set(_FIELDS[_op]) == {f.name for f in attrs.fields(_cls)}, _op
+
+
+def _check_tables() -> None:
+    # A node class and its decoder table must never drift apart: a field added to a
+    # class but not here would be written by to_json and refused by from_json.
+    for op, cls in OPS.items():
+        fields = {f.name for f in attrs.fields(cls)}
+        if set(_FIELDS[op]) != fields:
+            raise RuntimeError(f"nnterp bug: JSON fields of op {op!r} differ from {cls.__name__}'s")
+
+
+_check_tables()
 
 # "Steer(vector=...): ..." -> "vector": constructor messages name their field this way.
 _CONSTRUCTOR_FIELD = re.compile(r"^\w+\((\w+)=\.\.\.\)")
 
 
-def _build(cls: type, fields: dict[str, Decoder], obj: _Object, path: str, report: _Report, what: str) -> Any:
+def _build(
+    cls: type, fields: dict[str, Decoder], obj: _Object, path: str, report: _Report, what: str
+) -> Any:
     required = tuple(f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING)
     ok = _check_keys(obj, path, tuple(fields), required, report, what)
     kwargs = {}
@@ -464,11 +538,16 @@ def _d_node(value: Any, path: str, report: _Report) -> Any:
     if op is None and "op" not in value:
         return report.add(path, f"node has no \"op\"; known ops: {', '.join(OPS)}")
     if not isinstance(op, str):
-        return report.add(f"{path}.op", f"op must be a string, got {_kind(op)}; known ops: {', '.join(OPS)}")
+        return report.add(
+            f"{path}.op", f"op must be a string, got {_kind(op)}; known ops: {', '.join(OPS)}"
+        )
     if op not in OPS:
         close = difflib.get_close_matches(op[:100], OPS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return report.add(f"{path}.op", f"unknown op {json.dumps(op[:40])}; known ops: {', '.join(OPS)}{hint}")
+        return report.add(
+            f"{path}.op",
+            f"unknown op {json.dumps(op[:40])}; known ops: {', '.join(OPS)}{hint}",
+        )
     rest = _Object((k, v) for k, v in value.items() if k != "op")
     rest.duplicates = getattr(value, "duplicates", ())
     return _build(OPS[op], _FIELDS[op], rest, path, report, f"op {op!r}")
@@ -487,7 +566,9 @@ def _parse(text: Any) -> Any:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise fail(f"the document is not UTF-8 text (invalid byte at offset {err.start})") from None
+            raise fail(
+                f"the document is not UTF-8 text (invalid byte at offset {err.start})"
+            ) from None
     elif isinstance(text, str):
         if len(text) > MAX_DOCUMENT_SIZE:
             raise fail(f"the document is longer than {MAX_DOCUMENT_SIZE} characters")
@@ -503,7 +584,9 @@ def _parse(text: Any) -> Any:
     except json.JSONDecodeError as err:
         at_end = err.pos >= len(text.rstrip())
         hint = " (the document ends early: was it truncated?)" if at_end else ""
-        raise fail(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}{hint}") from None
+        raise fail(
+            f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}{hint}"
+        ) from None
     except RecursionError:
         raise fail("not a graph document: arrays or objects are nested too deeply") from None
     except ValueError:
@@ -537,7 +620,13 @@ def from_json(text: str | bytes) -> Graph:
     report = _Report()
     if not isinstance(doc, dict):
         raise GraphFormatError(
-            [("$", f'the document must be an object {{"nnterp_dsl": 1, "graph": [...]}}, got {_kind(doc)}')]
+            [
+                (
+                    "$",
+                    f'the document must be an object {{"nnterp_dsl": 1, "graph": [...]}}, '
+                    f"got {_kind(doc)}",
+                )
+            ]
         )
     version = doc.get("nnterp_dsl")
     if type(version) is int and version > FORMAT_VERSION:
@@ -552,7 +641,9 @@ def from_json(text: str | bytes) -> Graph:
             ]
         )
     if "nnterp_dsl" not in doc:
-        report.add("$", 'missing "nnterp_dsl" (the format version): is this an nnterp graph document?')
+        report.add(
+            "$", 'missing "nnterp_dsl" (the format version): is this an nnterp graph document?'
+        )
     elif type(version) is not int:
         report.add("$.nnterp_dsl", f"the format version must be an integer, got {_kind(version)}")
     elif version < 1:
@@ -561,7 +652,9 @@ def from_json(text: str | bytes) -> Graph:
         report.add(_key_path("$", key), f"key {json.dumps(key[:40])} appears more than once")
     for key in doc:
         if key not in _TOP_KEYS:
-            report.add(_key_path("$", key), f'unknown top-level field (fields: {", ".join(_TOP_KEYS)})')
+            report.add(
+                _key_path("$", key), f'unknown top-level field (fields: {", ".join(_TOP_KEYS)})'
+            )
     nodes = doc.get("graph", _BAD)
     if nodes is _BAD:
         report.add("$", 'missing "graph" (the array of nodes)')

@@ -159,7 +159,9 @@ class ModelSpec:
             ValueError: a size is missing; the message names the spellings tried.
         """
         return cls(
-            num_layers=_config_int(config, ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+            num_layers=_config_int(
+                config, ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+            ),
             hidden_size=_config_int(config, ("hidden_size", "n_embd", "d_model")),
             num_heads=_config_int(config, ("num_attention_heads", "n_head", "num_heads")),
             vocab_size=_config_int(config, ("vocab_size",)),

@@ -169,7 +169,9 @@ def _check_backend_supports(node: Node, ctx: _Context) -> Iterator[Problem]:
         fix = f"run it on a backend that supports it: {', '.join(others)}"
     else:
         fix = "remove the node; no backend runs it"
-    yield ctx.problem(f"{node_type.__name__} is not available on the {ctx.spec.backend} backend ({why})", fix)
+    yield ctx.problem(
+        f"{node_type.__name__} is not available on the {ctx.spec.backend} backend ({why})", fix
+    )
 
 
 @rule(Node)

@@ -151,6 +151,19 @@ def test_save_and_load(tmp_path):
     assert load(path) == Graph([Lens()])
 
 
+def test_only_built_in_nodes_serialize():
+    import attrs
+
+    from nnterp.dsl.nodes import Node
+
+    @attrs.frozen
+    class Custom(Node):
+        x: int = 0
+
+    with pytest.raises(TypeError, match=r"nodes\[1\] is a Custom"):
+        to_json(Lens() >> Custom())
+
+
 def test_load_reports_the_file(tmp_path, monkeypatch):
     path = tmp_path / "bad.json"
     path.write_text('{"nnterp_dsl": 1, "graph": [{"op": "nope"}]}')
