@@ -14,6 +14,9 @@ import tiny_models  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: dtype of the backend-parity tests: float32 in CI; the GPU run also uses bfloat16.
+TEST_DTYPE = os.environ.get("NNTERP_TEST_DTYPE", "float32")
+
 
 @pytest.fixture(scope="session")
 def bundled_path() -> Path:
@@ -41,13 +44,28 @@ def hf_models(tiny_dir):
     cache = {}
 
     def load(family: str, **kwargs):
-        key = (family, tuple(sorted(kwargs.items())))
+        if TEST_DTYPE != "float32":
+            import torch
+
+            kwargs.setdefault("dtype", getattr(torch, TEST_DTYPE))
+        key = (family, tuple(sorted(kwargs.items(), key=str)))
         if key not in cache:
             path = "bundled" if family == "bundled" else tiny_dir(family)
             cache[key] = StandardizedTransformer(path, backend="hf", **kwargs)
         return cache[key]
 
     return load
+
+
+def engine_kwargs() -> dict:
+    """Engine arguments for tests: the test dtype; on a GPU, a slice of its memory each,
+    since several engines stay up for the session."""
+    import torch
+
+    kwargs = {"dtype": TEST_DTYPE}
+    if torch.cuda.is_available():
+        kwargs.update(gpu_memory_utilization=0.08, max_model_len=512)
+    return kwargs
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +80,7 @@ def vllm_models(tiny_dir):
     def load(family: str):
         if family not in cache:
             path = "bundled" if family == "bundled" else tiny_dir(family)
-            cache[family] = StandardizedTransformer(path, backend="vllm", dtype="float32")
+            cache[family] = StandardizedTransformer(path, backend="vllm", **engine_kwargs())
         return cache[family]
 
     yield load
