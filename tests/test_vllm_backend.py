@@ -26,8 +26,9 @@ from conftest import TEST_DTYPE, engine_kwargs  # noqa: E402
 TOLERANCES = {
     ("cpu", "float32"): (1e-4, 2e-5),
     # vLLM's GPU kernels do not keep full float32 precision in their matmuls
-    # (measured on an H100: 1.5e-4 on tiny models, 1.7e-3 of the token scale on SmolLM2)
-    ("cuda", "float32"): (1e-3, 3e-3),
+    # (measured on an H100: 1.5e-4 on tiny models; on SmolLM2 6e-3 on an attention
+    # output and 1.7e-3 of the token scale on the logits)
+    ("cuda", "float32"): (1e-2, 3e-3),
     # bfloat16 keeps 8 bits of mantissa (3.9e-3 per rounding); over 30 layers the two
     # backends' different kernels drift by a few % of each token's scale (measured:
     # 6% on one SmolLM2 attention output, 1.9% on its logits)
