@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 import attrs
 
-__all__ = ["ModulePaths", "KNOWN_ARCHITECTURES", "paths_for", "resolve_path", "missing_paths"]
+__all__ = ["ModulePaths", "KNOWN_ARCHITECTURES", "paths_for", "resolve_path", "missing_paths", "mapping_error_message"]
 
 
 @attrs.frozen
@@ -184,3 +184,15 @@ def missing_paths(module, paths: ModulePaths | None) -> list[str]:
         elif guessed[key] is None and key != "final_norm":
             problems.append(f"{key}: none of {', '.join(_CANDIDATES[key])} exists")
     return problems
+
+
+def mapping_error_message(model_type: str, class_name: str, problems: list[str]) -> str:
+    """The load-time error text: every problem, then how to pass a mapping."""
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return (
+        f"nnterp cannot map {class_name} (model_type {model_type!r}) onto its standardized names:\n"
+        f"{lines}\n"
+        f"Pass the module paths yourself, e.g. StandardizedTransformer(name, paths=ModulePaths("
+        f"layers='model.layers', attention='self_attn', mlp='mlp', embeddings='model.embed_tokens', "
+        f"final_norm='model.norm', lm_head='lm_head')), with the names printed by print(model)."
+    )

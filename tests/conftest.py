@@ -11,11 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+from backend_settings import TEST_DTYPE, engine_kwargs  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-#: dtype of the backend-parity tests: float32 in CI; the GPU run also uses bfloat16.
-TEST_DTYPE = os.environ.get("NNTERP_TEST_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -55,17 +53,6 @@ def hf_models(tiny_dir):
         return cache[key]
 
     return load
-
-
-def engine_kwargs() -> dict:
-    """Engine arguments for tests: the test dtype; on a GPU, a slice of its memory each,
-    since several engines stay up for the session."""
-    import torch
-
-    kwargs = {"dtype": TEST_DTYPE}
-    if torch.cuda.is_available():
-        kwargs.update(gpu_memory_utilization=0.08, max_model_len=512)
-    return kwargs
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 FAMILIES = ["llama", "qwen2", "gpt2", "bundled"]
 PROMPT = "The capital of France is"
-from conftest import TEST_DTYPE, engine_kwargs  # noqa: E402
+from backend_settings import TEST_DTYPE, engine_kwargs  # noqa: E402
 
 #: (engine device, dtype) -> (absolute tolerance, relative to the token's largest feature)
 TOLERANCES = {
@@ -236,6 +236,12 @@ def test_prompt_too_long_is_clear_and_engine_survives(vllm_models):
     with pytest.raises(PromptTooLongError, match="max_model_len"):
         with vllm.trace("word " * 3000):
             pass
+    with pytest.raises(PromptTooLongError, match="max_model_len"):
+        with vllm.trace() as tracer:
+            with tracer.invoke(PROMPT):
+                vllm.logits.save()
+            with tracer.invoke("word " * 3000):
+                vllm.logits.save()
     with vllm.trace(PROMPT):
         logits = vllm.logits.save()
     assert logits.shape[-1] == vllm.vocab_size

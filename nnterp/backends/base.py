@@ -46,17 +46,33 @@ class Backend:
     #: the nnsight model (``TransformersModel`` or ``VLLM``)
     model: Any
 
+    #: where the components live (`nnterp.rename.ModulePaths`)
+    paths: Any
+
     @property
     def config(self):
-        raise NotImplementedError
+        return self.model.config
 
     @property
     def tokenizer(self):
-        raise NotImplementedError
+        return self.model.tokenizer
 
     @property
     def num_layers(self) -> int:
         raise NotImplementedError
+
+    def _module_envoy(self, kind: SiteKind, layer: int | None):
+        """The nnsight envoy of the module whose output (or input) is the site."""
+        from nnterp.rename import resolve_path
+
+        if kind is SiteKind.EMBEDDINGS_OUTPUT:
+            return resolve_path(self.model, self.paths.embeddings)
+        block = resolve_path(self.model, self.paths.layers)[layer]
+        if kind is SiteKind.ATTENTIONS_OUTPUT:
+            return resolve_path(block, self.paths.attention)
+        if kind is SiteKind.MLPS_OUTPUT:
+            return resolve_path(block, self.paths.mlp)
+        return block
 
     def read(self, kind: SiteKind, layer: int | None) -> Any:
         """The activation at a site, inside a trace, in the standardized layout."""

@@ -22,7 +22,7 @@ import torch
 
 from nnterp.backends.base import Backend, SiteKind
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
-from nnterp.rename import ModulePaths, missing_paths, paths_for, resolve_path
+from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 
 __all__ = ["HFBackend"]
 
@@ -69,8 +69,7 @@ class HFBackend(Backend):
         self.paths = paths if paths is not None else paths_for(model_type, root)
         problems = missing_paths(root, self.paths)
         if problems:
-            raise ArchitectureNotSupportedError(_mapping_message(model_type, type(root).__name__, problems))
-        self._layers = resolve_path(self.model, self.paths.layers)
+            raise ArchitectureNotSupportedError(mapping_error_message(model_type, type(root).__name__, problems))
         self._torch_layers = resolve_path(root, self.paths.layers)
         self._final_norm = resolve_path(root, self.paths.final_norm) if self.paths.final_norm else None
         self._lm_head = resolve_path(root, self.paths.lm_head)
@@ -85,30 +84,14 @@ class HFBackend(Backend):
     # -- description -----------------------------------------------------------------
 
     @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    @property
     def num_layers(self) -> int:
         return len(self._torch_layers)
 
     # -- reading and writing ---------------------------------------------------------
 
     def _envoy(self, kind: SiteKind, layer: int | None):
-        if kind is SiteKind.EMBEDDINGS_OUTPUT:
-            return resolve_path(self.model, self.paths.embeddings)
-        if kind is SiteKind.LOGITS:
-            return self.model
-        block = self._layers[layer]
-        if kind is SiteKind.ATTENTIONS_OUTPUT:
-            return resolve_path(block, self.paths.attention)
-        if kind is SiteKind.MLPS_OUTPUT:
-            return resolve_path(block, self.paths.mlp)
-        return block
+        # the causal-LM output holds the logits (after any final softcapping)
+        return self.model if kind is SiteKind.LOGITS else self._module_envoy(kind, layer)
 
     def read(self, kind: SiteKind, layer: int | None) -> Any:
         if kind is SiteKind.ATTENTION_PROBABILITIES:
@@ -263,7 +246,7 @@ class HFBackend(Backend):
                 problems.append(f"{key}: expected a tensor {want}, got {got[3]}")
         if problems:
             raise ArchitectureNotSupportedError(
-                _mapping_message(self.config.model_type, type(self.model._module).__name__, problems)
+                mapping_error_message(self.config.model_type, type(self.model._module).__name__, problems)
             )
 
 
@@ -275,14 +258,3 @@ def _describe(value: Any) -> tuple:
         value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=1e-3)
     )
     return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
-
-
-def _mapping_message(model_type: str, class_name: str, problems: list[str]) -> str:
-    lines = "\n".join(f"  - {p}" for p in problems)
-    return (
-        f"nnterp cannot map {class_name} (model_type {model_type!r}) onto its standardized names:\n"
-        f"{lines}\n"
-        f"Pass the module paths yourself, e.g. StandardizedTransformer(name, paths=ModulePaths("
-        f"layers='model.layers', attention='self_attn', mlp='mlp', embeddings='model.embed_tokens', "
-        f"final_norm='model.norm', lm_head='lm_head')), with the names printed by print(model)."
-    )

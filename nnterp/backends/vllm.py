@@ -35,7 +35,7 @@ import torch
 
 from nnterp.backends.base import Backend, SiteKind
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
-from nnterp.rename import ModulePaths, missing_paths, paths_for, resolve_path
+from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 
 __all__ = ["VLLMBackend", "ReadOnlyActivation"]
 
@@ -140,21 +140,10 @@ class VLLMBackend(Backend):
         problems = missing_paths(root, self.paths)
         if problems:
             self.close()
-            from nnterp.backends.hf import _mapping_message
-
-            raise ArchitectureNotSupportedError(_mapping_message(model_type, type(root).__name__, problems))
+            raise ArchitectureNotSupportedError(mapping_error_message(model_type, type(root).__name__, problems))
         self._num_layers = len(resolve_path(root, self.paths.layers))
-        self.max_model_len = self.model.vllm_entrypoint.llm_engine.model_config.max_model_len
 
     # -- description -----------------------------------------------------------------
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
 
     @property
     def num_layers(self) -> int:
@@ -166,16 +155,6 @@ class VLLMBackend(Backend):
 
     # -- reading and writing ---------------------------------------------------------
 
-    def _envoy(self, kind: SiteKind, layer: int | None):
-        if kind is SiteKind.EMBEDDINGS_OUTPUT:
-            return resolve_path(self.model, self.paths.embeddings)
-        block = resolve_path(self.model, self.paths.layers)[layer]
-        if kind is SiteKind.ATTENTIONS_OUTPUT:
-            return resolve_path(block, self.paths.attention)
-        if kind is SiteKind.MLPS_OUTPUT:
-            return resolve_path(block, self.paths.mlp)
-        return block
-
     def read(self, kind: SiteKind, layer: int | None) -> Any:
         if kind is SiteKind.ATTENTION_PROBABILITIES:
             raise BackendUnsupportedError(f"attention probabilities are not available on vLLM. {_HINT_NOT_HF}")
@@ -183,7 +162,7 @@ class VLLMBackend(Backend):
             # nnsight's VLLM exposes the step's pre-sampling logits as a property of the
             # model ([1, vocab] per request), not as a module output.
             return _guarded(self.model.logits.unsqueeze(-2))
-        envoy = self._envoy(kind, layer)
+        envoy = self._module_envoy(kind, layer)
         if kind is SiteKind.LAYERS_INPUT:
             args = envoy.inputs[0]
             at = _hidden_arg_index(args)
@@ -206,7 +185,7 @@ class VLLMBackend(Backend):
             current = self.model.logits
             self.model.logits = value.reshape(current.shape).to(current.dtype).clone()
             return
-        envoy = self._envoy(kind, layer)
+        envoy = self._module_envoy(kind, layer)
         if kind is SiteKind.LAYERS_INPUT:
             args, kwargs = envoy.inputs
             at = _hidden_arg_index(args)
@@ -237,7 +216,7 @@ class VLLMBackend(Backend):
         kwargs.setdefault("temperature", 0.0)
         kwargs.setdefault("max_tokens", 1)
         for prompt in _flatten_prompts(inputs):
-            self._check_length(prompt)
+            _check_prompt_length(self.model, prompt)
         kwargs.setdefault("tracer_cls", _tracer_class())
         return self.model.trace(*inputs, **kwargs)
 
@@ -245,16 +224,6 @@ class VLLMBackend(Backend):
                  top_p: float = 1.0, seed: int | None = None, **kwargs: Any):
         return self.trace(*inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, **kwargs)
-
-    def _check_length(self, prompt: Any) -> None:
-        if not isinstance(prompt, str):
-            return
-        n = len(self.tokenizer(prompt)["input_ids"])
-        if n >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {n} tokens but this engine's max_model_len is {self.max_model_len}; "
-                f"shorten it or load the model with a larger max_model_len (and KV cache)"
-            )
 
     def project_on_vocab(self, hidden: Any) -> Any:
         # Inside a trace this runs in the worker, where the modules hold weights; outside
@@ -336,7 +305,13 @@ def _tracer_class():
     global _NnterpVLLMTracer
     if _NnterpVLLMTracer is None:
         class NnterpVLLMTracer(VLLMTracer):
-            """nnsight's vLLM tracer, re-raising nnterp's own errors from the worker."""
+            """nnsight's vLLM tracer: checks each invoke's prompt length before the engine
+            sees it, and re-raises nnterp's own errors from the worker."""
+
+            def invoke(self, *inputs, **kwargs):
+                for prompt in _flatten_prompts(inputs):
+                    _check_prompt_length(self.envoy, prompt)
+                return super().invoke(*inputs, **kwargs)
 
             def __exit__(self, exc_type, exc_value, traceback):
                 try:
@@ -352,6 +327,23 @@ def _tracer_class():
 
 
 _NnterpVLLMTracer = None
+
+
+def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
+    """Refuse a prompt the engine cannot hold, before it becomes a request.
+
+    vLLM rejects such a request deep inside the engine; checking here gives a message
+    that says what to change and leaves the engine untouched for the next trace.
+    """
+    if not isinstance(prompt, str):
+        return
+    limit = vllm_model.vllm_entrypoint.llm_engine.model_config.max_model_len
+    n = len(vllm_model.tokenizer(prompt)["input_ids"])
+    if n >= limit:
+        raise PromptTooLongError(
+            f"the prompt has {n} tokens but this engine's max_model_len is {limit}; "
+            f"shorten it or load the model with a larger max_model_len (and KV cache)"
+        )
 
 
 def _flatten_prompts(inputs: tuple) -> list:
