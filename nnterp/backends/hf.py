@@ -258,3 +258,50 @@ def _describe(value: Any) -> tuple:
         value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=1e-3)
     )
     return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
+
+
+def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: Any) -> dict:
+    """Run a lowered plan on the HF backend: all prompts in one left-padded batch.
+
+    Generation goes through ``generate`` (one forward pass per step, stepped with
+    ``tracer.iter``); a plan with a gradient runs one forward pass with autograd on,
+    since ``generate`` runs without it, and takes the greedy next token.
+
+    Returns:
+        ``{"store": results by (name, step, prompt...), "tokens": [[ids] per prompt]}``.
+    """
+    from nnterp.backends.interpret import run_step
+
+    encoded = backend.tokenizer(prompts, padding=True, return_tensors="pt")
+    pads = (encoded["attention_mask"] == 0).sum(dim=1).tolist()
+    rows = list(range(len(prompts)))
+    store: dict = {}
+    pending: dict = {}
+    if plan.needs_grad:
+        with torch.enable_grad(), backend.trace(prompts):
+            run_step(backend, plan, 0, rows, pads, store, pending)
+            next_ids = backend.read(SiteKind.LOGITS, None)[:, -1].argmax(-1).save()
+        return {"store": store, "tokens": [[int(t)] for t in next_ids]}
+    steps = plan.max_step + 1
+    with torch.no_grad(), backend.generate(prompts, max_tokens=sampling.max_tokens,
+                                           temperature=sampling.temperature, top_p=sampling.top_p,
+                                           seed=sampling.seed) as tracer:
+        for step in tracer.iter[:steps]:
+            run_step(backend, plan, step, rows, pads, store, pending)
+        ids = tracer.result.save()
+    width = encoded["input_ids"].shape[1]
+    eos = backend.tokenizer.eos_token_id
+    tokens = []
+    for row in ids[:, width:].tolist():
+        # generate pads finished rows with the pad (= eos) token; keep up to the first eos
+        tokens.append(row[: row.index(eos) + 1] if eos in row else row)
+    return {"store": store, "tokens": tokens}
+
+
+def _register() -> None:
+    from nnterp.dsl.lowering import register_executor
+
+    register_executor("hf", execute_plan)
+
+
+_register()

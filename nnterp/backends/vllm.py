@@ -354,3 +354,39 @@ def _flatten_prompts(inputs: tuple) -> list:
         else:
             prompts.append(item)
     return prompts
+
+
+def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling: Any) -> dict:
+    """Run a lowered plan on vLLM: one request (invoke) per prompt, in one trace.
+
+    Each invoke's ops run in the engine's worker; results come back in ``store``, a
+    dict saved above the invokes, which nnsight merges key by key across requests.
+
+    Returns:
+        ``{"store": results by (name, step, prompt...), "tokens": [[ids] per prompt]}``.
+    """
+    import nnsight
+
+    from nnterp.backends.interpret import run_step
+
+    steps = plan.max_step + 1
+    with backend.generate(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                          top_p=sampling.top_p, seed=sampling.seed) as tracer:
+        store = nnsight.save({})
+        for row, prompt in enumerate(prompts):
+            with tracer.invoke(prompt):
+                pending = {}
+                for step in tracer.iter[:steps]:
+                    run_step(backend, plan, step, [row], [0], store, pending)
+                store[("__tokens__", row)] = list(tracer.result.outputs[0].token_ids)
+    tokens = [store.pop(("__tokens__", row)) for row in range(len(prompts))]
+    return {"store": store, "tokens": tokens}
+
+
+def _register() -> None:
+    from nnterp.dsl.lowering import register_executor
+
+    register_executor("vllm", execute_plan)
+
+
+_register()

@@ -1,0 +1,160 @@
+"""Run the ops of a lowered plan during one forward pass, through a backend's read/write.
+
+This is the body both backends' executors call inside their nnsight traces: on HF in
+the thread that nnsight runs beside the model, on vLLM inside the engine's worker
+(so this module must stay importable there and everything it receives picklable).
+It sees activations only through `Backend.read` / `Backend.write`, in the
+standardized ``[rows, tokens, width]`` layout, which is why one interpreter serves
+both backends: HF gives a left-padded batch of prompts, vLLM one prompt per invoke.
+
+Positions are the prompt's own token indices. In a left-padded HF batch a
+non-negative position ``p`` of row ``b`` is column ``pads[b] + p``; a negative one
+counts from the end, which padding does not move. At generation steps after the
+prompt, a forward pass holds one new token: position ``-1`` (or ``None``) is that
+token, and a non-negative position names a prompt token that is not there, so the op
+skips that step.
+
+Results go into ``store`` under ``(name, step, row)`` keys (lens: plus the layer), as
+CPU tensors: the executor assembles them into the shapes ``run`` promises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nnterp.backends.base import SiteKind
+
+__all__ = ["run_step", "SITE_KINDS"]
+
+#: (module, side) of a Site -> the backend's SiteKind
+SITE_KINDS = {
+    ("layers", "input"): SiteKind.LAYERS_INPUT,
+    ("layers", "output"): SiteKind.LAYERS_OUTPUT,
+    ("attentions", "output"): SiteKind.ATTENTIONS_OUTPUT,
+    ("mlps", "output"): SiteKind.MLPS_OUTPUT,
+    ("embeddings", "output"): SiteKind.EMBEDDINGS_OUTPUT,
+    ("logits", None): SiteKind.LOGITS,
+}
+
+
+def _kind(site) -> SiteKind:
+    return SITE_KINDS[(site.module, site.side)]
+
+
+def _columns(positions: Any, pad: int, length: int, step: int) -> list[int] | None:
+    """Sequence indices of ``positions`` in one row, or ``None`` when none exist this step."""
+    if step > 0 or positions is None:
+        start = 0 if step > 0 else pad
+        if positions is None:
+            return list(range(start, length))
+        wanted = (positions,) if isinstance(positions, int) else positions
+        return [length - 1] if all(p == -1 for p in wanted) else None
+    wanted = (positions,) if isinstance(positions, int) else positions
+    tokens = length - pad
+    outside = [p for p in wanted if not -tokens <= p < tokens]
+    if outside:
+        raise IndexError(
+            f"positions {list(outside)} are outside a prompt of {tokens} tokens "
+            f"(valid: {-tokens} .. {tokens - 1}); choose positions every prompt has, e.g. -1"
+        )
+    return [pad + p if p >= 0 else length + p for p in wanted]
+
+
+def _select(value: torch.Tensor, row: int, columns: list[int], positions: Any) -> torch.Tensor:
+    """One row's selected tokens: ``[width]`` for a single int position, else ``[k, width]``."""
+    picked = value[row, columns]
+    return picked[0] if isinstance(positions, int) and len(columns) == 1 else picked
+
+
+def _keep(value: torch.Tensor) -> torch.Tensor:
+    # a plain CPU copy: vLLM reuses its buffers, and results leave the device
+    return value.detach().as_subclass(torch.Tensor).to("cpu", copy=True)
+
+
+def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int], store: dict,
+             pending: dict) -> None:
+    """Apply every op of ``plan`` active at generation ``step`` to this forward pass.
+
+    Args:
+        backend: the `Backend` whose read/write reach the model.
+        plan: the lowered `Plan`.
+        step: 0 for the prompt's forward pass, k for the k-th token generated after it.
+        rows: the prompt index of each batch row.
+        pads: the left padding of each batch row.
+        store: results, keyed by ``(name, step, prompt index[, layer])``.
+        pending: activations captured for gradients, kept until the gradient op.
+    """
+    for op in plan.ops_at(step):
+        if op.action == "attention_probs":
+            probs = backend.read(SiteKind.ATTENTION_PROBABILITIES, op.layer)
+            for b, prompt in enumerate(rows):
+                store[(op.name, step, prompt)] = _keep(probs[b, :, pads[b]:, pads[b]:])
+            continue
+        if op.action == "grad":
+            _gradient(backend, op, step, rows, pads, store, pending)
+            continue
+        kind = _kind(op.site)
+        layer = op.site.layer
+        value = backend.read(kind, layer)
+        length = value.shape[-2]
+        # logits exist only at the last position (where tokens are sampled): no padding
+        row_pads = [0] * len(rows) if kind is SiteKind.LOGITS else pads
+        if op.action == "grad_capture":
+            pending[op.name] = value
+            continue
+        if op.action in ("read", "lens"):
+            for b, prompt in enumerate(rows):
+                columns = _columns(op.positions, row_pads[b], length, step)
+                if columns is None:
+                    continue
+                picked = _select(value, b, columns, op.positions)
+                if op.action == "read":
+                    store[(op.name, step, prompt)] = _keep(picked)
+                else:
+                    probs = torch.softmax(backend.project_on_vocab(picked).float(), dim=-1)
+                    if op.top_k is not None:
+                        top = probs.topk(op.top_k, dim=-1)
+                        store[(op.name, step, prompt, op.layer)] = (_keep(top.values), _keep(top.indices))
+                    else:
+                        store[(op.name, step, prompt, op.layer)] = _keep(probs)
+            continue
+        backend.write(kind, layer, _edited(op, value, step, row_pads))
+
+
+def _edited(op: Any, value: torch.Tensor, step: int, pads: list[int]) -> torch.Tensor:
+    """The activation after a zero, patch or steer."""
+    new = value.clone()
+    if op.action == "steer":
+        delta = (op.scale * op.value.to_tensor()).to(new.device, new.dtype)
+        if op.positions is None:
+            return new + delta
+    elif op.action == "zero" and op.positions is None:
+        return torch.zeros_like(new)
+    constant = op.value.to_tensor().to(new.device, new.dtype) if op.action == "patch" else None
+    length = new.shape[-2]
+    for b in range(new.shape[0]):
+        columns = _columns(op.positions, pads[b], length, step)
+        if not columns:
+            continue
+        if op.action == "zero":
+            new[b, columns] = 0
+        elif op.action == "patch":
+            new[b, columns] = constant if constant.ndim == 1 else constant.reshape(len(columns), -1)
+        else:
+            new[b, columns] = new[b, columns] + delta
+    return new
+
+
+def _gradient(backend: Any, op: Any, step: int, rows: list[int], pads: list[int], store: dict,
+              pending: dict) -> None:
+    activation = pending.pop(op.name)
+    logits = backend.read(SiteKind.LOGITS, None)
+    log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+    objective = log_probs[:, op.target].sum()  # rows are independent: the sum's gradient splits by row
+    with objective.backward():
+        gradient = activation.grad
+        for b, prompt in enumerate(rows):
+            columns = _columns(op.positions, pads[b], gradient.shape[-2], step)
+            store[(op.name, step, prompt)] = _keep(_select(gradient, b, columns, op.positions))
