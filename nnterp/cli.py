@@ -24,15 +24,16 @@ class CommandError(Exception):
 def _demo(args: argparse.Namespace) -> int:
     from nnterp.demo import run_demo
 
-    run_demo(backend=args.backend, prompt=args.prompt, max_tokens=args.max_tokens, out=sys.stdout)
+    backends = ("hf", "vllm") if args.backend == "both" else (args.backend,)
+    run_demo(backends=backends, prompt=args.prompt, max_tokens=args.max_tokens, out=sys.stdout)
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnterp", description="Standardized interpretability on nnsight.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="logit lens and greedy continuation on the bundled model")
-    demo.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    demo = commands.add_parser("demo", help="a lens + steer graph on the bundled model, on both backends")
+    demo.add_argument("--backend", choices=("hf", "vllm", "both"), default="both")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-tokens", type=int, default=10)
     demo.set_defaults(handler=_demo)
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
+    # a command-line program may quiet its libraries; the library itself never does
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -1,55 +1,91 @@
-"""The demo behind ``python -m nnterp demo``: the logit lens on the bundled model.
+"""The demo behind ``python -m nnterp demo``: a lens + steer graph on the bundled model.
 
-For one prompt it prints, for every layer, the token the residual stream at the last
-position would predict if the model stopped there (final norm + unembedding), with its
-probability, then the model's greedy continuation. On SmolLM2 and "The capital of
-France is", " Paris" emerges in the upper layers and is the final layer's top token.
+For one prompt it runs two DSL graphs on each chosen backend: the logit lens alone
+(what the residual stream after each layer would predict, through the final norm and
+the unembedding) with the greedy continuation, and the same lens followed by a steer
+that pushes layer 25 towards " London" at every generated token. On SmolLM2 and "The
+capital of France is", " Paris" emerges in the upper layers and is the final layer's
+top token; the steered run continues with " London" instead, and the lens shows the
+steer acting only from layer 25 on. With both backends, the tables sit side by side.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TextIO
 
 import torch
 
-__all__ = ["run_demo", "format_lens_table"]
+__all__ = ["run_demo", "demo_graphs"]
+
+STEER_LAYER = 25
+STEER_SCALE = 80.0
+STEER_TOKEN = " London"
 
 
-def format_lens_table(tokenizer, probs: torch.Tensor, top: int = 3) -> str:
-    """A readable table from ``probs`` ``[n_layers, vocab]``: top tokens per layer."""
-    values, ids = probs.topk(top, dim=-1)
-    header = f"{'layer':>5}  " + "  ".join(f"{'top ' + str(k + 1):<22}" for k in range(top))
-    lines = [header, "-" * len(header)]
-    for layer in range(probs.shape[0]):
-        cells = []
-        for k in range(top):
-            token = repr(tokenizer.decode(ids[layer, k]))
-            cells.append(f"{token[:14]:<15}{values[layer, k].item():>6.1%} ")
-        lines.append(f"{layer:>5}  " + "  ".join(cells))
-    return "\n".join(lines)
+def demo_graphs(tokenizer):
+    """The clean and steered graphs: the lens, and the lens followed by a steer along the
+    unembedding direction of " London" (normalised) at every position and step."""
+    from nnterp.dsl import Lens, Steer
+
+    token = tokenizer(STEER_TOKEN, add_special_tokens=False)["input_ids"][0]
+    direction = _unembedding_row(token)
+    lens = Lens(layers=all, top_k=1)
+    return lens, lens >> Steer(STEER_LAYER, direction / direction.norm(), scale=STEER_SCALE)
 
 
-def run_demo(backend: str = "hf", prompt: str = "The capital of France is", max_tokens: int = 10,
-             out: TextIO | None = None) -> dict:
-    """Run the demo and print it to ``out``; return the lens probabilities and text."""
-    import sys
+def _unembedding_row(token: int) -> torch.Tensor:
+    # SmolLM2 ties its unembedding to the token embedding; read it from the HF
+    # checkpoint so both backends steer with the same vector
+    from safetensors import safe_open
 
+    from nnterp.bundled import bundled_model_path
+
+    with safe_open(str(bundled_model_path() / "model.safetensors"), "pt") as weights:
+        return weights.get_slice("model.embed_tokens.weight")[token].clone().float()
+
+
+def _cell(tokenizer, probs: torch.Tensor, ids: torch.Tensor) -> str:
+    token = repr(tokenizer.decode(ids))[:13]
+    return f"{token:<14}{probs.item():>5.0%}"
+
+
+def run_demo(backends: tuple[str, ...] = ("hf", "vllm"), prompt: str = "The capital of France is",
+             max_tokens: int = 10, out: TextIO | None = None) -> dict:
+    """Run the demo on each backend, print the tables to ``out``, return the results."""
     from nnterp import StandardizedTransformer
+    from nnterp.dsl import Sampling, run
 
     out = out or sys.stdout
-    kwargs = {"dtype": "float32"} if backend == "vllm" else {"dtype": torch.float32}
-    with StandardizedTransformer("bundled", backend=backend, **kwargs) as model:
-        layers = []
-        with torch.no_grad(), model.trace(prompt):
-            for i in range(model.num_layers):
-                layers.append(model.project_on_vocab(model.layers_output[i][..., -1, :]).save())
-        probs = torch.softmax(torch.stack([l.reshape(-1) for l in layers]).float(), dim=-1)
-        with torch.no_grad(), model.generate(prompt, max_tokens=max_tokens) as tracer:
-            ids = tracer.result.save()
-        continuation = model.tokenizer.decode(ids[0, -max_tokens:]) if not model.is_vllm else ids
-        print(f"nnterp demo: SmolLM2-135M-Instruct on the {backend} backend", file=out)
-        print(f"prompt: {prompt!r}\n", file=out)
-        print("logit lens at the last position (final norm + unembedding of each layer's output):", file=out)
-        print(format_lens_table(model.tokenizer, probs), file=out)
-        print(f"\ngreedy continuation: {prompt!r} + {continuation!r}", file=out)
-        return {"lens": probs, "continuation": continuation}
+    sampling = Sampling(max_tokens=max_tokens)
+    results = {}
+    tokenizer = None
+    for backend in backends:
+        dtype = "float32" if backend == "vllm" else torch.float32
+        with StandardizedTransformer("bundled", backend=backend, dtype=dtype) as model:
+            tokenizer = model.tokenizer
+            lens, steered_graph = demo_graphs(tokenizer)
+            results[backend] = (run(lens, model, prompt, sampling=sampling),
+                                run(steered_graph, model, prompt, sampling=sampling))
+            num_layers = model.num_layers
+    print(f"nnterp demo: SmolLM2-135M-Instruct, prompt {prompt!r}", file=out)
+    print(f"graphs: Lens(layers=all, top_k=1)   and   Lens(layers=all, top_k=1) >> "
+          f"Steer({STEER_LAYER}, <{STEER_TOKEN!r} direction>, scale={STEER_SCALE:g})\n", file=out)
+    print("logit lens at the last position: top token and its probability after each layer", file=out)
+    header = f"{'layer':>5}"
+    for backend in results:
+        header += f"  {backend + ' lens':<19}  {backend + ' lens >> steer':<19}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for layer in range(num_layers):
+        line = f"{layer:>5}"
+        for clean, steered in results.values():
+            for result in (clean, steered):
+                probs, ids = result["lens"]
+                line += f"  {_cell(tokenizer, probs[0, layer, 0], ids[0, layer, 0]):<19}"
+        print(line, file=out)
+    print(file=out)
+    for backend, (clean, steered) in results.items():
+        print(f"{backend:>5} greedy:  {prompt!r} + {clean.texts[0]!r}", file=out)
+        print(f"{backend:>5} steered: {prompt!r} + {steered.texts[0]!r}", file=out)
+    return results
