@@ -62,6 +62,25 @@ def _columns(positions: Any, pad: int, length: int, step: int) -> list[int] | No
     return [pad + p if p >= 0 else length + p for p in wanted]
 
 
+def _store(backend: Any, op: Any, step: int, rows: list[int], picked: torch.Tensor, store: dict) -> None:
+    """Store a read (or its lens) for each row of ``picked`` (``[rows, ..., width]``)."""
+    if op.action == "read":
+        batch = _keep(picked)
+        for b, prompt in enumerate(rows):
+            store[(op.name, step, prompt)] = batch[b]
+        return
+    probs = torch.softmax(backend.project_on_vocab(picked).float(), dim=-1)
+    if op.top_k is not None:
+        top = probs.topk(op.top_k, dim=-1)
+        values, indices = _keep(top.values), _keep(top.indices)
+        for b, prompt in enumerate(rows):
+            store[(op.name, step, prompt, op.layer)] = (values[b], indices[b])
+    else:
+        batch = _keep(probs)
+        for b, prompt in enumerate(rows):
+            store[(op.name, step, prompt, op.layer)] = batch[b]
+
+
 def _select(value: torch.Tensor, row: int, columns: list[int], positions: Any) -> torch.Tensor:
     """One row's selected tokens: ``[width]`` for a single int position, else ``[k, width]``."""
     picked = value[row, columns]
@@ -105,20 +124,20 @@ def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int
             pending[op.name] = value
             continue
         if op.action in ("read", "lens"):
-            for b, prompt in enumerate(rows):
-                columns = _columns(op.positions, row_pads[b], length, step)
-                if columns is None:
-                    continue
-                picked = _select(value, b, columns, op.positions)
-                if op.action == "read":
-                    store[(op.name, step, prompt)] = _keep(picked)
-                else:
-                    probs = torch.softmax(backend.project_on_vocab(picked).float(), dim=-1)
-                    if op.top_k is not None:
-                        top = probs.topk(op.top_k, dim=-1)
-                        store[(op.name, step, prompt, op.layer)] = (_keep(top.values), _keep(top.indices))
-                    else:
-                        store[(op.name, step, prompt, op.layer)] = _keep(probs)
+            if op.positions is None:  # every token: rows differ in length
+                for b, prompt in enumerate(rows):
+                    columns = _columns(None, row_pads[b], length, step)
+                    _store(backend, op, step, [prompt], value[b, columns].unsqueeze(0), store)
+                continue
+            columns = [_columns(op.positions, row_pads[b], length, step) for b in range(len(rows))]
+            if columns[0] is None:  # a prompt position, at a generation step
+                continue
+            # all rows at once: one gather, one unembedding, one copy off the device
+            index = torch.tensor(columns, device=value.device)
+            picked = value[torch.arange(len(rows), device=value.device)[:, None], index]
+            if isinstance(op.positions, int):
+                picked = picked[:, 0]
+            _store(backend, op, step, rows, picked, store)
             continue
         backend.write(kind, layer, _edited(op, value, step, row_pads))
 
