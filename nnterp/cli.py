@@ -29,6 +29,129 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(message: str) -> None:
+    print(f"nnterp: {message}", file=sys.stderr, flush=True)
+
+
+def _load_graph(path: str):
+    from nnterp.dsl import load
+    from nnterp.errors import GraphFormatError
+
+    if not os.path.isfile(path):
+        raise CommandError(f"no graph file at {path!r}")
+    try:
+        return load(path)
+    except GraphFormatError as err:
+        raise CommandError(f"{path}: {_one_line(err)}") from None
+    except OSError as err:
+        raise CommandError(f"cannot read {path!r}: {err.strerror}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _model_error(model: str, err: BaseException) -> CommandError:
+    return CommandError(f"cannot load model {model!r}: {_one_line(err)}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from nnterp.dsl import validate
+    from nnterp.errors import ValidationError
+
+    graph = _load_graph(args.graph)
+    try:
+        spec = validate(graph, args.model, backend=args.backend)
+    except ValidationError as err:
+        raise CommandError(_one_line(err)) from None
+    except (OSError, ValueError) as err:
+        raise _model_error(args.model, err) from None
+    print(f"{args.graph}: {len(graph)} nodes, valid for {args.model!r} ({spec.describe()})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nnterp.dsl import Sampling, run, validate
+    from nnterp.errors import NnterpError, ValidationError
+
+    graph = _load_graph(args.graph)
+    if not args.prompt:
+        raise CommandError("give at least one --prompt")
+    try:
+        sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    try:
+        validate(graph, args.model, backend=args.backend)  # from the configuration: fails fast
+    except ValidationError as err:
+        raise CommandError(_one_line(err)) from None
+    except (OSError, ValueError) as err:
+        raise _model_error(args.model, err) from None
+    _progress(f"loading {args.model!r} on the {args.backend} backend")
+    from nnterp import StandardizedTransformer
+    from nnterp.dsl.lowering import uses
+    from nnterp.dsl.nodes import AttentionProbs
+
+    try:
+        options = {"enable_attention_probs": True} if args.backend == "hf" and uses(graph, AttentionProbs) else {}
+        model = StandardizedTransformer(args.model, backend=args.backend, **options)
+    except (OSError, NnterpError, ValueError) as err:
+        raise _model_error(args.model, err) from None
+    try:
+        _progress(f"running {len(graph)} nodes on {len(args.prompt)} prompt(s), {args.max_tokens} token(s)")
+        try:
+            result = run(graph, model, args.prompt, sampling=sampling)
+        except (ValidationError, IndexError, ValueError) as err:
+            raise CommandError(_one_line(err)) from None
+        for prompt, text in zip(args.prompt, result.texts):
+            print(f"{prompt!r} -> {text!r}")
+        for name in result.keys():
+            print(f"  {name}: {_describe(result[name])}")
+        if args.out:
+            result.save(args.out)
+            print(f"saved to {args.out}/manifest.json and {args.out}/tensors.safetensors")
+        if args.plot:
+            _plot(result, model.tokenizer, args)
+    finally:
+        model.close()
+    return 0
+
+
+def _plot(result, tokenizer, args: argparse.Namespace) -> None:
+    from nnterp.plot import lens_for_plot, plot_lens
+
+    found = lens_for_plot(result)
+    if found is None:
+        raise CommandError("--plot draws a logit lens, and this graph has no Lens node")
+    name, lens = found
+    first = (lens[0][0], lens[1][0]) if isinstance(lens, tuple) else lens[0]
+    if isinstance(first, list):
+        raise CommandError("--plot draws the prompt pass; this lens reads several steps")
+    labels = [repr(tokenizer.decode(t))[1:-1] for t in tokenizer(args.prompt[0])["input_ids"]]
+    plot_lens(first, tokenizer, args.plot, title=f"{name}: {args.prompt[0]!r}", column_labels=None
+              if len(labels) == 0 else _position_labels(result, name, labels))
+    print(f"plotted {name} for {args.prompt[0]!r} to {args.plot}")
+
+
+def _position_labels(result, name: str, labels: list[str]) -> list[str] | None:
+    for node in result.manifest["graph"]["graph"]:
+        if node.get("op") == "lens" and node.get("name", "lens") == name:
+            positions = node.get("positions")
+            if isinstance(positions, list):
+                return [labels[p] for p in positions]
+    return None
+
+
+def _describe(value) -> str:
+    if hasattr(value, "shape"):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    if isinstance(value, list):
+        return f"list of {len(value)}: [{_describe(value[0])}, ...]" if value else "[]"
+    return type(value).__name__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnterp", description="Standardized interpretability on nnsight.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +160,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-tokens", type=int, default=10)
     demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser("run", help="run a graph (JSON) on prompts")
+    run.add_argument("graph", help="a graph document (.json)")
+    run.add_argument("--model", default="bundled")
+    run.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    run.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    run.add_argument("--max-tokens", type=int, default=1)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--out", help="folder to save the manifest and tensors in")
+    run.add_argument("--plot", help="PNG file for a heatmap of the graph's logit lens (first prompt)")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("validate", help="check a graph against a model's configuration")
+    check.add_argument("graph")
+    check.add_argument("--model", default="bundled")
+    check.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    check.set_defaults(handler=_validate)
     return parser
 
 

@@ -154,6 +154,36 @@ class StandardizedTransformer:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    def identity(self) -> dict[str, Any]:
+        """What identifies this model for reproducibility: the name it was loaded by, a
+        sha256 of its configuration, and a sha256 of its weight files' names and sizes
+        (plus the shard index, where there is one) when it was loaded from a folder.
+
+        A run manifest records this; replaying compares it, so a colleague re-running
+        with different weights under the same name is told so.
+        """
+        import hashlib
+        import json
+
+        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        folder = resolve_model_name(self.name_or_path)
+        weights = None
+        if os.path.isdir(folder):
+            digest = hashlib.sha256()
+            for name in sorted(os.listdir(folder)):
+                if name.endswith((".safetensors", ".bin")) or name.endswith(".index.json"):
+                    path = os.path.join(folder, name)
+                    digest.update(f"{name}:{os.path.getsize(path)}\n".encode())
+                    if name.endswith(".index.json"):
+                        with open(path, "rb") as handle:
+                            digest.update(handle.read())
+            weights = digest.hexdigest()
+        return {
+            "name_or_path": self.name_or_path,
+            "config_digest": hashlib.sha256(config.encode()).hexdigest(),
+            "weights_digest": weights,
+        }
+
     @property
     def nnsight_model(self):
         """The underlying nnsight model, for code that needs raw module paths."""

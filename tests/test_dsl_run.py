@@ -198,3 +198,41 @@ def test_steps_all_reads_every_generated_step(hf_models):
     result = run(Read("layers[0].output", steps="all"), model, PROMPTS[:2], sampling=Sampling(max_tokens=5))
     assert [r.shape for r in result["layers[0].output"]] == [(5, model.hidden_size)] * 2
     assert Graph([Read("logits")]) == Read("logits") >> Graph([])
+
+
+def _assert_same(a, b):
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def test_save_and_replay_reproduce_a_greedy_run_exactly(backend, hf_models, vllm_models, tmp_path):
+    from nnterp.dsl import RunResult, replay
+
+    model = hf_models("llama") if backend == "hf" else vllm_models("llama")
+    graph = (Steer(1, _vector(model)) >> Lens(top_k=3) >> Read("layers[0].output", positions=None)
+             >> Read("logits", steps="all"))
+    result = run(graph, model, PROMPTS[:2], sampling=Sampling(max_tokens=3))
+    result.save(tmp_path)
+    loaded = RunResult.load(tmp_path)
+    again = replay(tmp_path, model=model)
+    for name in result.keys():
+        _assert_same(loaded[name], result[name])
+        _assert_same(again[name], result[name])
+    assert again.tokens == loaded.tokens == result.tokens and loaded.texts == result.texts
+    assert loaded.manifest["model"] == result.manifest["model"]
+    assert result.manifest["model"]["weights_digest"] is not None
+
+
+def test_replay_warns_when_the_model_differs(hf_models):
+    from nnterp.dsl import replay
+
+    model = hf_models("llama")
+    result = run(Read("logits"), model, PROMPTS[0])
+    manifest = dict(result.manifest, model=dict(result.manifest["model"], config_digest="0" * 64))
+    with pytest.warns(UserWarning, match="different configuration"):
+        replay(manifest, model=model)

@@ -15,7 +15,6 @@ A `RunResult` carries a manifest with everything needed to run the same thing ag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ import torch
 from nnterp.dsl.graph import Graph
 from nnterp.dsl.lowering import executor_for, lower
 from nnterp.dsl.nodes import AttentionProbs, Grad, Node, Patch, Read
+from nnterp.dsl.results import RunResult
 from nnterp.dsl.spec import ModelSpec
 from nnterp.dsl.validate import validate
 
@@ -63,37 +63,6 @@ class Sampling:
     temperature: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
     top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p)
     seed: int | None = None
-
-
-class RunResult:
-    """The named outputs of a run, with the generated tokens and a manifest.
-
-    ``result[name]`` gives an output (see SPEC.md for shapes); ``result.tokens`` and
-    ``result.texts`` the generated token ids and texts per prompt; ``result.manifest``
-    what is needed to reproduce the run.
-    """
-
-    def __init__(self, outputs: dict[str, Any], tokens: list[list[int]], texts: list[str],
-                 manifest: dict[str, Any]) -> None:
-        self._outputs = outputs
-        self.tokens = tokens
-        self.texts = texts
-        self.manifest = manifest
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return self._outputs[name]
-        except KeyError:
-            raise KeyError(f"this run has no output {name!r}; outputs: {', '.join(self._outputs) or 'none'}") from None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._outputs
-
-    def keys(self) -> list[str]:
-        return list(self._outputs)
-
-    def __repr__(self) -> str:
-        return f"RunResult(outputs={self.keys()}, prompts={len(self.tokens)}, backend={self.manifest['backend']!r})"
 
 
 def _as_graph(graph: Graph | Node) -> Graph:
@@ -245,11 +214,6 @@ def _assemble(plan: Any, store: dict, n_prompts: int) -> dict[str, Any]:
     return outputs
 
 
-def _config_digest(config: Any) -> str:
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -269,15 +233,25 @@ def _manifest(graph: Graph, prompts: list[str], sampling: Sampling, model: Any) 
         "graph_digest": graph.digest(),
         "prompts": list(prompts),
         "sampling": attrs.asdict(sampling),
-        "model": {"name_or_path": getattr(model, "name_or_path", None),
-                  "config_digest": _config_digest(model.config)},
+        "model": model.identity(),
         "backend": model.backend,
         "versions": _versions(),
     }
 
 
-def replay(dir_or_manifest: Any) -> RunResult:
-    """Run a saved run again: same graph, prompts, sampling, model name and backend."""
+def replay(dir_or_manifest: Any, model: Any = None) -> RunResult:
+    """Run a saved run again: same graph, prompts, sampling, model and backend.
+
+    Args:
+        dir_or_manifest: a folder written by `RunResult.save`, its ``manifest.json``,
+            or a manifest dict (``result.manifest``).
+        model: a loaded model to use instead of loading the manifest's by name (its
+            backend must be the manifest's).
+
+    Warns:
+        UserWarning: the model's configuration or weights differ from the recorded
+            ones, or the library versions do; results may then differ too.
+    """
     if isinstance(dir_or_manifest, dict):
         manifest = dir_or_manifest
     else:
@@ -286,5 +260,27 @@ def replay(dir_or_manifest: Any) -> RunResult:
         with open(path) as handle:
             manifest = json.load(handle)
     graph = Graph.from_json(json.dumps(manifest["graph"]))
-    return run(graph, manifest["model"]["name_or_path"], manifest["prompts"], backend=manifest["backend"],
-               sampling=Sampling(**manifest["sampling"]))
+    recorded = manifest["model"]
+    target = model if model is not None else recorded["name_or_path"]
+    result = run(graph, target, manifest["prompts"], backend=manifest["backend"],
+                 sampling=Sampling(**manifest["sampling"]))
+    _warn_on_differences(recorded, result.manifest["model"], manifest.get("versions", {}),
+                         result.manifest["versions"])
+    return result
+
+
+def _warn_on_differences(recorded: dict, current: dict, recorded_versions: dict, versions: dict) -> None:
+    import warnings
+
+    for key, what in (("config_digest", "configuration"), ("weights_digest", "weights")):
+        if recorded.get(key) and current.get(key) and recorded[key] != current[key]:
+            warnings.warn(
+                f"replay: the model {current['name_or_path']!r} has a different {what} than the "
+                f"recorded run ({key} {recorded[key][:12]} then, {current[key][:12]} now); "
+                f"results may differ", UserWarning, stacklevel=3)
+    changed = {k: (recorded_versions[k], v) for k, v in versions.items()
+               if k in recorded_versions and recorded_versions[k] != v}
+    if changed:
+        listed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        warnings.warn(f"replay: library versions differ from the recorded run ({listed})", UserWarning,
+                      stacklevel=3)

@@ -1,0 +1,133 @@
+"""`RunResult`: a run's named outputs, generated tokens and manifest, and their files.
+
+``result.save(dir)`` writes two files a colleague can read without nnterp's internals:
+``manifest.json`` (what ran: graph document, prompts, sampling, model identity,
+backend, versions; plus the layout of the outputs) and ``tensors.safetensors`` (every
+output tensor and the generated token ids, under flat keys such as ``lens.0`` or
+``layers[5].output.2.1``). `RunResult.load` reads both back into the same structure.
+
+Outputs are tensors, tuples of tensors (``Lens`` with ``top_k``) or lists of either
+(one entry per prompt or per step); the manifest's ``layout`` records which, so loading
+rebuilds exactly what ``run`` returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+__all__ = ["RunResult"]
+
+_MANIFEST = "manifest.json"
+_TENSORS = "tensors.safetensors"
+
+
+def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Put every tensor of ``value`` into ``tensors``; return the layout that rebuilds it."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return key
+    if isinstance(value, tuple):
+        return {"tuple": [_flatten(item, f"{key}.{i}", tensors) for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return {"list": [_flatten(item, f"{key}.{i}", tensors) for i, item in enumerate(value)]}
+    raise TypeError(f"cannot save an output of type {type(value).__name__} at {key!r}")
+
+
+def _rebuild(layout: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(layout, str):
+        return tensors[layout]
+    if "tuple" in layout:
+        return tuple(_rebuild(item, tensors) for item in layout["tuple"])
+    return [_rebuild(item, tensors) for item in layout["list"]]
+
+
+class RunResult:
+    """The named outputs of a run, with the generated tokens and a manifest.
+
+    ``result[name]`` gives an output (see SPEC.md for shapes); ``result.tokens`` and
+    ``result.texts`` the generated token ids and texts per prompt; ``result.manifest``
+    what is needed to reproduce the run (`nnterp.dsl.replay` runs it again).
+    """
+
+    def __init__(self, outputs: dict[str, Any], tokens: list[list[int]], texts: list[str],
+                 manifest: dict[str, Any]) -> None:
+        self._outputs = outputs
+        self.tokens = tokens
+        self.texts = texts
+        self.manifest = manifest
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._outputs[name]
+        except KeyError:
+            raise KeyError(f"this run has no output {name!r}; outputs: {', '.join(self._outputs) or 'none'}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._outputs
+
+    def keys(self) -> list[str]:
+        return list(self._outputs)
+
+    def __repr__(self) -> str:
+        return f"RunResult(outputs={self.keys()}, prompts={len(self.tokens)}, backend={self.manifest['backend']!r})"
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``manifest.json`` and ``tensors.safetensors`` into ``directory``.
+
+        Each file is written to a temporary name and renamed into place, so an
+        interrupted save never leaves a manifest that points at missing tensors.
+
+        Returns:
+            The directory.
+        """
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        layout = {name: _flatten(value, f"out.{name}", tensors) for name, value in self._outputs.items()}
+        for i, row in enumerate(self.tokens):
+            tensors[f"tokens.{i}"] = torch.tensor(row, dtype=torch.int64)
+        document = dict(self.manifest, layout=layout, texts=self.texts)
+        _atomic(os.path.join(directory, _TENSORS), lambda path: save_file(tensors, path))
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        _atomic(os.path.join(directory, _MANIFEST), lambda path: _write_text(path, text))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "RunResult":
+        """Read a result written by `save`."""
+        from safetensors.torch import load_file
+
+        directory = os.fspath(directory)
+        with open(os.path.join(directory, _MANIFEST)) as handle:
+            document = json.load(handle)
+        tensors = load_file(os.path.join(directory, _TENSORS))
+        layout = document.pop("layout")
+        texts = document.pop("texts")
+        outputs = {name: _rebuild(item, tensors) for name, item in layout.items()}
+        tokens = [tensors[f"tokens.{i}"].tolist() for i in range(len(document["prompts"]))]
+        return cls(outputs, tokens, texts, document)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def _atomic(path: str, write) -> None:
+    folder = os.path.dirname(path) or "."
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
