@@ -52,9 +52,10 @@ def plot_lens(lens: Any, tokenizer, path: str, title: str = "", column_labels: l
     image = axes.imshow(values.numpy(), origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     for layer in range(n_layers):
         for column in range(n_columns):
-            text = tokenizer.decode(int(tokens[layer, column])).replace("\n", "\\n")
+            shown = repr(tokenizer.decode(int(tokens[layer, column])))[1:-1]  # \n, \t visible
+            shown = shown if shown.strip() else "\u2423" * len(shown)  # a blank token is a space
             shade = "black" if values[layer, column] > 0.6 else "white"
-            axes.text(column, layer, repr(text)[1:-1][:10], ha="center", va="center", fontsize=7, color=shade)
+            axes.text(column, layer, shown[:10], ha="center", va="center", fontsize=7, color=shade)
     axes.set_xticks(range(n_columns), xlabels, rotation=30 if probs.ndim == 3 else 0, fontsize=8)
     axes.set_yticks(range(n_layers), [str(layer) for layer in range(n_layers)], fontsize=7)
     axes.set_xlabel(xtitle)
