@@ -8,7 +8,6 @@ import torch
 
 from nnterp.dsl import (AttentionProbs, Grad, Graph, Lens, Patch, Read, Sampling, Source, Steer, ValidationError,
                         Zero, run)
-from nnterp.dsl import run as run_module  # noqa: F401  (the function; see nnterp.dsl)
 from test_vllm_backend import TOKEN_RTOL, assert_close_per_token
 
 PROMPTS = ["The capital of France is", "One, two, three,", "Hi there"]

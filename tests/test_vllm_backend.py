@@ -70,7 +70,7 @@ def _hf_reads(model, prompt, edit=None):
 
 
 def _vllm_reads(model, prompt):
-    reads = nnsight.save({}) if False else {}
+    reads = {}
     with model.trace(prompt):
         store = nnsight.save({})
         for i in range(model.num_layers):
@@ -141,7 +141,6 @@ def test_interventions_give_the_same_logits(family, kind, hf_models, vllm_models
     with torch.no_grad(), hf.trace(PROMPT):
         _edits(hf, kind, vector)
         want = hf.logits[:, -1:].save()
-        clean_gap = want  # noqa: F841
     with vllm.trace(PROMPT):
         _edits(vllm, kind, vector)
         got = vllm.logits.save()
