@@ -235,3 +235,18 @@ def test_replay_warns_when_the_model_differs(hf_models):
     manifest = dict(result.manifest, model=dict(result.manifest["model"], config_digest="0" * 64))
     with pytest.warns(UserWarning, match="different configuration"):
         replay(manifest, model=model)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_generation_that_ends_early_has_the_same_steps_on_both_backends(hf_models, vllm_models):
+    chat = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"  # answers, then <|im_end|>
+    graph = Read("layers[3].output", steps="all") >> Steer(3, torch.zeros(576))
+    results = [run(graph, model, [chat, PROMPTS[0]], sampling=Sampling(max_tokens=40))
+               for model in (hf_models("bundled"), vllm_models("bundled"))]
+    hf, vllm = results
+    assert hf.tokens == vllm.tokens
+    assert len(hf.tokens[0]) < 40 and hf.tokens[0][-1] == 2  # ended on <|im_end|>
+    for result in results:
+        assert [r.shape[0] for r in result["layers[3].output"]] == [len(t) for t in result.tokens]
+    assert_close_per_token(vllm["layers[3].output"][0], hf["layers[3].output"][0], "early end")

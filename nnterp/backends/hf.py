@@ -283,17 +283,29 @@ def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: 
             next_ids = backend.read(SiteKind.LOGITS, None)[:, -1].argmax(-1).save()
         return {"store": store, "tokens": [[int(t)] for t in next_ids]}
     steps = plan.max_step + 1
+    fed: list = []  # the token each forward pass after the first was fed: [rows] per step
+    result: list = []
     with torch.no_grad(), backend.generate(prompts, max_tokens=sampling.max_tokens,
                                            temperature=sampling.temperature, top_p=sampling.top_p,
                                            seed=sampling.seed) as tracer:
         for step in tracer.iter[:steps]:
+            if step > 0:  # read before the layers: it is this forward pass's input
+                fed.append(backend.model.inputs[1]["input_ids"][:, -1].cpu())
             run_step(backend, plan, step, rows, pads, store, pending)
-        ids = tracer.result.save()
-    width = encoded["input_ids"].shape[1]
+        # Not reached when every prompt ends (end of sequence) before `steps` steps;
+        # the tokens fed to the later passes then tell what was generated.
+        result.append(tracer.result.save())
     eos = backend.tokenizer.eos_token_id
+    if result:
+        generated = result[0][:, encoded["input_ids"].shape[1]:].tolist()
+    else:
+        # generation stopped because every row had ended: the last token of a row that
+        # was still running is the end-of-sequence token
+        columns = [column.tolist() for column in fed]
+        generated = [[column[row] for column in columns] + [eos] for row in rows]
     tokens = []
-    for row in ids[:, width:].tolist():
-        # generate pads finished rows with the pad (= eos) token; keep up to the first eos
+    for row in generated:
+        # finished rows are padded with the pad (= eos) token; keep up to the first eos
         tokens.append(row[: row.index(eos) + 1] if eos in row else row)
     return {"store": store, "tokens": tokens}
 

@@ -378,8 +378,14 @@ def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling
                 pending = {}
                 for step in tracer.iter[:steps]:
                     run_step(backend, plan, step, [row], [0], store, pending)
+                    store[("__sample__", step, row)] = int(backend.model.samples.reshape(-1)[0])
+                # Not reached when the request ends (end of sequence) before `steps`
+                # steps: then the samples recorded above are the whole generation.
                 store[("__tokens__", row)] = list(tracer.result.outputs[0].token_ids)
-    tokens = [store.pop(("__tokens__", row)) for row in range(len(prompts))]
+    tokens = []
+    for row in range(len(prompts)):
+        samples = [store.pop(key) for key in sorted(k for k in store if k[0] == "__sample__" and k[2] == row)]
+        tokens.append(store.pop(("__tokens__", row), samples))
     return {"store": store, "tokens": tokens}
 
 

@@ -131,8 +131,12 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
     plan = lower(resolved, spec, max_tokens=sampling.max_tokens,
                  token_ids=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
     raw = executor_for(spec.backend)(plan, model._backend, prompts, sampling)
-    outputs = _assemble(plan, raw["store"], len(prompts))
     tokens = [list(map(int, row)) for row in raw["tokens"]]
+    # A prompt whose generation ended early (end of sequence) has no later steps. vLLM
+    # stops computing it; an HF batch goes on feeding it padding, whose activations
+    # mean nothing: drop them, so both backends return the same steps.
+    store = {key: value for key, value in raw["store"].items() if key[1] < max(1, len(tokens[key[2]]))}
+    outputs = _assemble(plan, store, len(prompts))
     texts = [tokenizer.decode(row) for row in tokens]
     return RunResult(outputs, tokens, texts, _manifest(graph, prompts, sampling, model))
 
