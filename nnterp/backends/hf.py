@@ -270,7 +270,7 @@ def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: 
     Returns:
         ``{"store": results by (name, step, prompt...), "tokens": [[ids] per prompt]}``.
     """
-    from nnterp.backends.interpret import run_step
+    from nnterp.backends.interpret import generation_may_end_early, run_step
 
     encoded = backend.tokenizer(prompts, padding=True, return_tensors="pt")
     pads = (encoded["attention_mask"] == 0).sum(dim=1).tolist()
@@ -285,9 +285,9 @@ def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: 
     steps = plan.max_step + 1
     fed: list = []  # the token each forward pass after the first was fed: [rows] per step
     result: list = []
-    with torch.no_grad(), backend.generate(prompts, max_tokens=sampling.max_tokens,
-                                           temperature=sampling.temperature, top_p=sampling.top_p,
-                                           seed=sampling.seed) as tracer:
+    with generation_may_end_early(), torch.no_grad(), backend.generate(
+            prompts, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=sampling.seed) as tracer:
         for step in tracer.iter[:steps]:
             if step > 0:  # read before the layers: it is this forward pass's input
                 fed.append(backend.model.inputs[1]["input_ids"][:, -1].cpu())

@@ -20,13 +20,15 @@ CPU tensors: the executor assembles them into the shapes ``run`` promises.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import warnings
+from typing import Any, Iterator
 
 import torch
 
 from nnterp.backends.base import SiteKind
 
-__all__ = ["run_step", "SITE_KINDS"]
+__all__ = ["run_step", "generation_may_end_early", "SITE_KINDS"]
 
 #: (module, side) of a Site -> the backend's SiteKind
 SITE_KINDS = {
@@ -37,6 +39,19 @@ SITE_KINDS = {
     ("embeddings", "output"): SiteKind.EMBEDDINGS_OUTPUT,
     ("logits", None): SiteKind.LOGITS,
 }
+
+
+@contextlib.contextmanager
+def generation_may_end_early() -> Iterator[None]:
+    """Silence nnsight's warning that a step loop was cut short.
+
+    When every prompt ends (end of sequence) before the last step a plan reads, nnsight
+    warns that the loop was cut short; the executors expect this and recover the
+    generated tokens themselves, so the warning would only alarm the user.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
+        yield
 
 
 def _kind(site) -> SiteKind:

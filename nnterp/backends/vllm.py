@@ -367,11 +367,12 @@ def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling
     """
     import nnsight
 
-    from nnterp.backends.interpret import run_step
+    from nnterp.backends.interpret import generation_may_end_early, run_step
 
     steps = plan.max_step + 1
-    with backend.generate(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                          top_p=sampling.top_p, seed=sampling.seed) as tracer:
+    with generation_may_end_early(), backend.generate(
+            max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=sampling.seed) as tracer:
         store = nnsight.save({})
         for row, prompt in enumerate(prompts):
             with tracer.invoke(prompt):
