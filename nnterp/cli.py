@@ -123,23 +123,16 @@ def _plot(result, tokenizer, args: argparse.Namespace) -> None:
     found = lens_for_plot(result)
     if found is None:
         raise CommandError("--plot draws a logit lens, and this graph has no Lens node")
-    name, lens = found
+    name, lens, positions = found
     first = (lens[0][0], lens[1][0]) if isinstance(lens, tuple) else lens[0]
     if isinstance(first, list):
         raise CommandError("--plot draws the prompt pass; this lens reads several steps")
-    labels = [repr(tokenizer.decode(t))[1:-1] for t in tokenizer(args.prompt[0])["input_ids"]]
-    plot_lens(first, tokenizer, args.plot, title=f"{name}: {args.prompt[0]!r}", column_labels=None
-              if len(labels) == 0 else _position_labels(result, name, labels))
+    labels = None
+    if isinstance(positions, list):
+        tokens = [repr(tokenizer.decode(t))[1:-1] for t in tokenizer(args.prompt[0])["input_ids"]]
+        labels = [tokens[p] for p in positions]
+    plot_lens(first, tokenizer, args.plot, title=f"{name}: {args.prompt[0]!r}", column_labels=labels)
     print(f"plotted {name} for {args.prompt[0]!r} to {args.plot}")
-
-
-def _position_labels(result, name: str, labels: list[str]) -> list[str] | None:
-    for node in result.manifest["graph"]["graph"]:
-        if node.get("op") == "lens" and node.get("name", "lens") == name:
-            positions = node.get("positions")
-            if isinstance(positions, list):
-                return [labels[p] for p in positions]
-    return None
 
 
 def _describe(value) -> str:

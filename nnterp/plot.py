@@ -68,15 +68,11 @@ def plot_lens(lens: Any, tokenizer, path: str, title: str = "", column_labels: l
     return path
 
 
-def lens_for_plot(result: Any) -> tuple[str, Any] | None:
-    """The first lens output of a `RunResult` and its name, or ``None`` if it has none."""
-    for name, kind in _output_kinds(result):
-        if kind == "lens":
-            return name, result[name]
-    return None
-
-
-def _output_kinds(result: Any):
+def lens_for_plot(result: Any) -> tuple[str, Any, Any] | None:
+    """The first lens of a `RunResult`: its name, its output and its ``positions``
+    (as recorded in the manifest), or ``None`` if the graph has no lens."""
     for node in result.manifest["graph"]["graph"]:
         if node.get("op") == "lens":
-            yield node.get("name", "lens"), "lens"
+            name = node.get("name", "lens")
+            return name, result[name], node.get("positions", -1)
+    return None

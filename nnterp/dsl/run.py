@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from nnterp.dsl.graph import Graph
-from nnterp.dsl.lowering import executor_for, lower
+from nnterp.dsl.lowering import executor_for, lower, uses
 from nnterp.dsl.nodes import AttentionProbs, Grad, Node, Patch, Read
 from nnterp.dsl.results import RunResult
 from nnterp.dsl.spec import ModelSpec
@@ -91,7 +91,7 @@ def _model(model: Any, backend: str | None, graph: Graph) -> Any:
     from nnterp.standardized import StandardizedTransformer
 
     backend = backend or "hf"
-    probs = backend == "hf" and any(isinstance(node, AttentionProbs) for node in graph)
+    probs = backend == "hf" and uses(graph, AttentionProbs)
     key = (os.fspath(model), backend, probs)
     if key not in _MODELS:
         kwargs = {"enable_attention_probs": True} if probs else {}
@@ -162,7 +162,7 @@ def _resolve_sources(graph: Graph, model: Any, spec: ModelSpec) -> Graph:
     return Graph(tuple(nodes))
 
 
-def _steps_taken(plan: Any, name: str, store: dict, prompt: int) -> list[int]:
+def _steps_taken(name: str, store: dict, prompt: int) -> list[int]:
     return sorted({key[1] for key in store if key[0] == name and key[2] == prompt})
 
 
@@ -193,7 +193,7 @@ def _assemble(plan: Any, store: dict, n_prompts: int) -> dict[str, Any]:
         per_prompt = []
         for prompt in range(n_prompts):
             if multi_step:
-                steps = _steps_taken(plan, name, store, prompt)
+                steps = _steps_taken(name, store, prompt)
                 per_prompt.append([value_at(prompt, step) for step in steps])
             else:
                 value = value_at(prompt, op.steps)
