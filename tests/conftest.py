@@ -24,12 +24,20 @@ def bundled_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, bundled_path):
+def tokenizer_path(request) -> Path:
+    """The tokenizer of the tiny models: the bundled model's, or the folder named by
+    ``NNTERP_TEST_TOKENIZER`` (a GPU host given only the tokenizer files)."""
+    given = os.environ.get("NNTERP_TEST_TOKENIZER")
+    return Path(given) if given else request.getfixturevalue("bundled_path")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer_path):
     """``tiny_dir(family)`` -> folder of a random-weight model of that family."""
     root = tmp_path_factory.mktemp("tiny")
 
     def make(family: str) -> Path:
-        return tiny_models.build(family, root / family, bundled_path)
+        return tiny_models.build(family, root / family, tokenizer_path)
 
     return make
 

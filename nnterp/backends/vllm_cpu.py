@@ -110,6 +110,28 @@ def cpu_engine_kwargs(**user_kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
+def bind_cpu_threads(ranks: int) -> None:
+    """Give each of ``ranks`` CPU workers its own share of this process's cores.
+
+    vLLM's automatic binding puts each tensor-parallel worker on its own NUMA node and
+    refuses to start when there are fewer nodes than workers (a one-socket machine,
+    a container). Splitting the allowed cores into contiguous shares instead works
+    everywhere. A binding the user set in ``VLLM_CPU_OMP_THREADS_BIND`` is kept; the
+    engine's processes inherit the variable.
+    """
+    import os
+
+    if ranks < 2 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size={ranks} on CPU needs at least {ranks} cores; "
+                         f"this process may use {len(cores)}")
+    share = len(cores) // ranks
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(str(core) for core in cores[rank * share:(rank + 1) * share]) for rank in range(ranks))
+
+
 def _empty_cache_noop(*args: Any, **kwargs: Any) -> None:
     """Stand-in for ``torch.accelerator.empty_cache`` on a host with no accelerator."""
 
@@ -136,13 +158,15 @@ def cpu_meta_model_patch() -> Iterator[None]:
         yield
 
 
-def load_cpu_vllm(model: str, **kwargs: Any) -> Any:
-    """Build a dispatched nnsight ``VLLM`` on CPU: `cpu_engine_kwargs` + patch."""
+def load_cpu_vllm(model: str, engine_cls: Any = None, **kwargs: Any) -> Any:
+    """Build a dispatched nnsight ``VLLM`` (or ``engine_cls``, a subclass) on CPU:
+    `cpu_engine_kwargs` + patch."""
     from nnsight.modeling.vllm import VLLM
 
     kwargs.setdefault("dispatch", True)
+    bind_cpu_threads(int(kwargs.get("tensor_parallel_size") or 1))
     with cpu_meta_model_patch():
-        return VLLM(model, **cpu_engine_kwargs(**kwargs))
+        return (engine_cls or VLLM)(model, **cpu_engine_kwargs(**kwargs))
 
 
 def shutdown_vllm(model: Any) -> None:
