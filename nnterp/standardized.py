@@ -76,7 +76,9 @@ class StandardizedTransformer:
             ``attention_probabilities[i]`` can be read and written.
         paths: a `ModulePaths` for an architecture nnterp does not map itself.
         **kwargs: passed to the backend: ``from_pretrained`` for HF, the engine for vLLM
-            (``dtype``, ``max_model_len``, ``tensor_parallel_size``, ...).
+            (``dtype``, ``max_model_len``, ``tensor_parallel_size``, ...). vLLM also takes
+            ``cuda_graphs=True`` (or a list of site names): replay CUDA graphs, serving
+            only those sites (see `nnterp.backends.vllm.VLLMBackend`).
 
     Example:
         >>> model = StandardizedTransformer("bundled")                 # doctest: +SKIP
@@ -100,6 +102,10 @@ class StandardizedTransformer:
         path = resolve_model_name(name_or_path)
         if backend == "hf":
             from nnterp.backends.hf import HFBackend
+
+            if "cuda_graphs" in kwargs or "tensor_parallel_size" in kwargs:
+                option = "cuda_graphs" if "cuda_graphs" in kwargs else "tensor_parallel_size"
+                raise ValueError(f"{option} is a vLLM engine option; load with backend='vllm' to use it")
 
             self._backend: Backend = HFBackend(
                 path, paths=paths, enable_attention_probs=enable_attention_probs, **kwargs

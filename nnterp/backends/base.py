@@ -82,6 +82,11 @@ class Backend:
         """Replace the activation at a site with ``value`` for the rest of the model."""
         raise NotImplementedError
 
+    def add(self, kind: SiteKind, layer: int | None, delta: Any) -> None:
+        """Add ``delta`` (broadcast over rows and tokens) to a site. Backends with a
+        cheaper in-place way override this."""
+        self.write(kind, layer, self.read(kind, layer) + delta)
+
     def trace(self, *inputs: Any, **kwargs: Any):
         raise NotImplementedError
 

@@ -281,6 +281,7 @@ def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: 
         with torch.enable_grad(), backend.trace(prompts):
             run_step(backend, plan, 0, rows, pads, store, pending)
             next_ids = backend.read(SiteKind.LOGITS, None)[:, -1].argmax(-1).save()
+        _wait_for_device()
         return {"store": store, "tokens": [[int(t)] for t in next_ids]}
     steps = plan.max_step + 1
     fed: list = []  # the token each forward pass after the first was fed: [rows] per step
@@ -303,11 +304,18 @@ def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: 
         # was still running is the end-of-sequence token
         columns = [column.tolist() for column in fed]
         generated = [[column[row] for column in columns] + [eos] for row in rows]
+    _wait_for_device()
     tokens = []
     for row in generated:
         # finished rows are padded with the pad (= eos) token; keep up to the first eos
         tokens.append(row[: row.index(eos) + 1] if eos in row else row)
     return {"store": store, "tokens": tokens}
+
+
+def _wait_for_device() -> None:
+    # results are copied off the device without blocking (see interpret._keep)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _register() -> None:

@@ -103,12 +103,19 @@ def _select(value: torch.Tensor, row: int, columns: list[int], positions: Any) -
 
 
 def _keep(value: torch.Tensor) -> torch.Tensor:
-    # a plain CPU copy: vLLM reuses its buffers, and results leave the device
-    return value.detach().as_subclass(torch.Tensor).to("cpu", copy=True)
+    """A plain CPU copy of a result: vLLM reuses its buffers, and results leave the device.
+
+    The copy is queued on the device's stream (``non_blocking``), so it reads the buffer
+    before any later kernel can overwrite it, and the forward pass does not wait for
+    it: a blocking copy would stall the model once per read, which is most of the cost
+    of a lens or an activation sweep. Executors synchronize once before results are
+    read (nnsight's vLLM worker does so before it sends them).
+    """
+    return value.detach().as_subclass(torch.Tensor).to("cpu", non_blocking=True, copy=True)
 
 
 def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int], store: dict,
-             pending: dict) -> None:
+             scratch: dict) -> None:
     """Apply every op of ``plan`` active at generation ``step`` to this forward pass.
 
     Args:
@@ -118,16 +125,28 @@ def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int
         rows: the prompt index of each batch row.
         pads: the left padding of each batch row.
         store: results, keyed by ``(name, step, prompt index[, layer])``.
-        pending: activations captured for gradients, kept until the gradient op.
+        scratch: state kept across the steps of one run: activations captured for
+            gradients (until the gradient op), steering vectors already on the device.
     """
     for op in plan.ops_at(step):
+        if op.action == "steer" and op.positions is None:
+            # the common case, at every generated token: one in-place add of a vector
+            # moved to the device once, instead of a read, a copy and a write per step
+            kind, layer = _kind(op.site), op.site.layer
+            delta = scratch.get(("steer", op.node_index))
+            if delta is None:
+                like = backend.read(kind, layer)
+                delta = (op.scale * op.value.to_tensor()).to(like.device, like.dtype)
+                scratch[("steer", op.node_index)] = delta
+            backend.add(kind, layer, delta)
+            continue
         if op.action == "attention_probs":
             probs = backend.read(SiteKind.ATTENTION_PROBABILITIES, op.layer)
             for b, prompt in enumerate(rows):
                 store[(op.name, step, prompt)] = _keep(probs[b, :, pads[b]:, pads[b]:])
             continue
         if op.action == "grad":
-            _gradient(backend, op, step, rows, pads, store, pending)
+            _gradient(backend, op, step, rows, pads, store, scratch)
             continue
         kind = _kind(op.site)
         layer = op.site.layer
@@ -136,7 +155,7 @@ def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int
         # logits exist only at the last position (where tokens are sampled): no padding
         row_pads = [0] * len(rows) if kind is SiteKind.LOGITS else pads
         if op.action == "grad_capture":
-            pending[op.name] = value
+            scratch[op.name] = value
             continue
         if op.action in ("read", "lens"):
             if op.positions is None:  # every token: rows differ in length

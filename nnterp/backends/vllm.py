@@ -102,38 +102,95 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: What ``cuda_graphs=True`` serves: the residual stream after every layer, which is
+#: what `Steer`, `Lens` and most reads touch. Each served site is a break in the graph.
+DEFAULT_GRAPH_SITES = ("layers_output",)
+
+#: Site kinds a CUDA-graph engine can serve (logits are served outside the graph).
+_GRAPHABLE = (SiteKind.EMBEDDINGS_OUTPUT, SiteKind.LAYERS_INPUT, SiteKind.LAYERS_OUTPUT,
+              SiteKind.ATTENTIONS_OUTPUT, SiteKind.MLPS_OUTPUT)
+
+
+def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
+    """The site kinds a ``cuda_graphs=`` setting serves; ``None`` for an eager engine."""
+    if cuda_graphs is False or cuda_graphs is None:
+        return None
+    names = DEFAULT_GRAPH_SITES if cuda_graphs is True else (
+        (cuda_graphs,) if isinstance(cuda_graphs, str) else tuple(cuda_graphs))
+    valid = {kind.value: kind for kind in _GRAPHABLE}
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise ValueError(
+            f"cuda_graphs={cuda_graphs!r}: give True or site names among {', '.join(valid)} "
+            f"(unknown: {', '.join(map(repr, unknown)) or 'none given'})")
+    return frozenset(valid[name] for name in names)
+
+
+def _tap_patterns(paths: ModulePaths, kinds: frozenset[SiteKind]) -> list[str]:
+    """nnsight tap patterns (module paths with ``*`` for the layer) for site kinds."""
+    layer = f"{paths.layers}.*"
+    where = {
+        SiteKind.EMBEDDINGS_OUTPUT: f"{paths.embeddings}.output",
+        SiteKind.LAYERS_INPUT: f"{layer}.input",
+        SiteKind.LAYERS_OUTPUT: f"{layer}.output",
+        SiteKind.ATTENTIONS_OUTPUT: f"{layer}.{paths.attention}.output",
+        SiteKind.MLPS_OUTPUT: f"{layer}.{paths.mlp}.output",
+    }
+    return [where[kind] for kind in _GRAPHABLE if kind in kinds]
+
+
 class VLLMBackend(Backend):
     """Standardized sites on an nnsight ``VLLM`` engine.
 
     Args:
         name_or_path: a Hugging Face model folder or hub id.
         paths: where the components live, for a family nnterp does not know.
+        cuda_graphs: ``False`` (default) runs the engine eagerly, where every site is
+            served. ``True``, or a list of site names (``"layers_output"``,
+            ``"mlps_output"``, ...), replays CUDA graphs and serves only those sites
+            (``True``: ``layers_output``), through nnsight's taps; a GPU is needed.
+            Each served site breaks the graph once per layer, so name only the ones a
+            workload touches.
         **kwargs: engine arguments (``dtype``, ``max_model_len``,
-            ``tensor_parallel_size``, ``kv_cache_memory_bytes``, ...). On CPU, defaults
+            ``tensor_parallel_size``, ``gpu_memory_utilization``, ...). On CPU, defaults
             from `nnterp.backends.vllm_cpu.cpu_engine_kwargs` fill what is not given.
     """
 
     name = "vllm"
 
-    def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, **kwargs: Any) -> None:
+    def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
+                 **kwargs: Any) -> None:
         # nnsight refuses vLLM's V2 model runner; make the default explicit so a user's
         # environment cannot pick it.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         from nnterp.backends import vllm_cpu
 
+        self.graph_kinds = graph_site_kinds(cuda_graphs)
+        if "enforce_eager" in kwargs:
+            raise TypeError("enforce_eager is set by nnterp: pass cuda_graphs=True (or site names) to "
+                            "replay CUDA graphs, or leave it out for an eager engine")
+
+        if int(kwargs.get("pipeline_parallel_size") or 1) > 1:
+            raise BackendUnsupportedError(
+                "pipeline parallelism is not supported: each rank would hold only some of the "
+                "layers, so a graph could not read or write the others. Split the model with "
+                "tensor_parallel_size=N instead (every rank then sees every layer)")
         if isinstance(kwargs.get("dtype"), torch.dtype):
             kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+        self._closed = True
+        engine_cls = __getattr__("NnterpVLLM")
         if vllm_cpu.is_cpu_only():
+            if self.graph_kinds is not None:
+                raise BackendUnsupportedError(
+                    "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
+                    "there anyway); leave cuda_graphs out")
             if "max_model_len" not in kwargs:
                 kwargs["max_model_len"] = _cpu_max_model_len(name_or_path)
-            self.model = vllm_cpu.load_cpu_vllm(name_or_path, **kwargs)
+            self.model = vllm_cpu.load_cpu_vllm(name_or_path, engine_cls=engine_cls, **kwargs)
         else:
-            from nnsight.modeling.vllm import VLLM
-
-            kwargs.setdefault("dispatch", True)
             kwargs.setdefault("enable_prefix_caching", False)
-            self.model = VLLM(name_or_path, **kwargs)
-        self._closed = False
+            # Built undispatched first: the taps are module paths, found on the meta tree.
+            self.model = engine_cls(name_or_path, dispatch=False, **kwargs)
         root = self.model._module
         model_type = getattr(self.model.config, "model_type", "?")
         self.paths = paths if paths is not None else paths_for(model_type, root)
@@ -142,6 +199,11 @@ class VLLMBackend(Backend):
             self.close()
             raise ArchitectureNotSupportedError(mapping_error_message(model_type, type(root).__name__, problems))
         self._num_layers = len(resolve_path(root, self.paths.layers))
+        if not self.model.dispatched:
+            if self.graph_kinds is not None:
+                self.model.taps = tuple(_tap_patterns(self.paths, self.graph_kinds))
+            self.model.dispatch()
+        self._closed = False
 
     # -- description -----------------------------------------------------------------
 
@@ -155,9 +217,25 @@ class VLLMBackend(Backend):
 
     # -- reading and writing ---------------------------------------------------------
 
-    def read(self, kind: SiteKind, layer: int | None) -> Any:
+    def served(self, kind: SiteKind) -> bool:
+        """Whether this engine serves ``kind`` (a CUDA-graph engine serves only its taps)."""
+        if kind is SiteKind.ATTENTION_PROBABILITIES:
+            return False
+        return kind is SiteKind.LOGITS or self.graph_kinds is None or kind in self.graph_kinds
+
+    def _require(self, kind: SiteKind) -> None:
         if kind is SiteKind.ATTENTION_PROBABILITIES:
             raise BackendUnsupportedError(f"attention probabilities are not available on vLLM. {_HINT_NOT_HF}")
+        if not self.served(kind):
+            served = ", ".join(sorted(k.value for k in self.graph_kinds))
+            raise BackendUnsupportedError(
+                f"{kind.value} is not served by this CUDA-graph engine (it serves {served}): a replayed "
+                f"graph runs no Python except at the sites named when the model was loaded. Load it with "
+                f"cuda_graphs=[{', '.join(repr(k.value) for k in sorted(self.graph_kinds | {kind}, key=_GRAPHABLE.index))}]"
+                f", or without cuda_graphs for an eager engine that serves every site")
+
+    def read(self, kind: SiteKind, layer: int | None) -> Any:
+        self._require(kind)
         if kind is SiteKind.LOGITS:
             # nnsight's VLLM exposes the step's pre-sampling logits as a property of the
             # model ([1, vocab] per request), not as a module output.
@@ -177,9 +255,22 @@ class VLLMBackend(Backend):
                 value = out
         return _guarded(value.unsqueeze(0))  # [tokens, hidden] -> [1, tokens, hidden]
 
+    def add(self, kind: SiteKind, layer: int | None, delta: torch.Tensor) -> None:
+        """Add ``delta`` to a site at every token, in place: one kernel, no copies.
+
+        The residual stream after a Llama-family layer is ``hidden + residual``, so adding
+        to ``hidden`` adds to the stream. In place is also what a CUDA-graph engine needs:
+        the graph reads its own memory back.
+        """
+        if kind is not SiteKind.LAYERS_OUTPUT:
+            return super().add(kind, layer, delta)
+        self._require(kind)
+        out = self._module_envoy(kind, layer).output
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden += delta
+
     def write(self, kind: SiteKind, layer: int | None, value: Any) -> None:
-        if kind is SiteKind.ATTENTION_PROBABILITIES:
-            raise BackendUnsupportedError(f"attention probabilities are not available on vLLM. {_HINT_NOT_HF}")
+        self._require(kind)
         value = _plain(value)
         if kind is SiteKind.LOGITS:
             current = self.model.logits
@@ -229,8 +320,8 @@ class VLLMBackend(Backend):
         # Inside a trace this runs in the worker, where the modules hold weights; outside
         # one, the client holds only a meta-device shell of the model.
         root = self.model._module
-        weight = resolve_path(root, self.paths.lm_head).weight
-        if weight.is_meta:
+        lm_head = resolve_path(root, self.paths.lm_head)
+        if lm_head.weight.is_meta:
             raise BackendUnsupportedError(
                 "project_on_vocab on the vLLM backend works inside a trace (the weights live in "
                 "the engine); read the projection inside the trace and save it"
@@ -240,11 +331,7 @@ class VLLMBackend(Backend):
             x = resolve_path(root, self.paths.final_norm)(x)
             if isinstance(x, tuple):
                 x = x[0]
-        logits = torch.nn.functional.linear(x, weight)
-        softcap = getattr(self.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+        return _unembed(root, lm_head, x, getattr(self.config, "final_logit_softcapping", None))
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
@@ -253,6 +340,35 @@ class VLLMBackend(Backend):
 
         shutdown_vllm(self.model)
         self._closed = True
+
+
+def _unembed(root: Any, lm_head: Any, x: torch.Tensor, config_softcap: float | None) -> torch.Tensor:
+    """Logits over the real vocabulary, computed as vLLM's own logits processor does.
+
+    vLLM pads the unembedding to a multiple of 64 rows and, under tensor parallelism,
+    gives each rank a contiguous slice of those rows (``lm_head.weight`` is this rank's
+    slice). So: project on the local rows, all-gather the slices in rank order (every
+    rank runs this code and must reach the same collective, so an all-gather rather
+    than a gather to rank 0), then drop the padding columns, which would otherwise get
+    probability mass in a softmax. Softcapping and logit scale come from the model's
+    logits processor where it has one.
+    """
+    logits = torch.nn.functional.linear(x, lm_head.weight, getattr(lm_head, "bias", None))
+    if getattr(lm_head, "tp_size", 1) > 1:
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        logits = tensor_model_parallel_all_gather(logits)
+    processor = getattr(root, "logits_processor", None)
+    vocab = getattr(processor, "org_vocab_size", None) or getattr(lm_head, "org_vocab_size", None)
+    if vocab is not None:
+        logits = logits[..., :vocab]
+    softcap = getattr(processor, "soft_cap", None) if processor is not None else config_softcap
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    scale = getattr(processor, "scale", 1.0)
+    if scale != 1.0:
+        logits = logits * scale
+    return logits
 
 
 def _cpu_max_model_len(name_or_path: str) -> int:
@@ -361,14 +477,19 @@ def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling
 
     Each invoke's ops run in the engine's worker; results come back in ``store``, a
     dict saved above the invokes, which nnsight merges key by key across requests.
+    Generated tokens come from the engine's own outputs, so no step pays a handoff or
+    a device-to-host copy for them.
 
     Returns:
         ``{"store": results by (name, step, prompt...), "tokens": [[ids] per prompt]}``.
     """
     import nnsight
 
-    from nnterp.backends.interpret import generation_may_end_early, run_step
+    from nnterp.backends.interpret import SITE_KINDS, generation_may_end_early, run_step
 
+    for op in plan.ops:
+        if op.site is not None:
+            backend._require(SITE_KINDS[(op.site.module, op.site.side)])
     steps = plan.max_step + 1
     with generation_may_end_early(), backend.generate(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature,
@@ -376,18 +497,55 @@ def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling
         store = nnsight.save({})
         for row, prompt in enumerate(prompts):
             with tracer.invoke(prompt):
-                pending = {}
+                scratch = {}
+                # The loop ends early, and nothing after it runs, when the request
+                # reaches end of sequence first; so nothing follows it.
                 for step in tracer.iter[:steps]:
-                    run_step(backend, plan, step, [row], [0], store, pending)
-                    store[("__sample__", step, row)] = int(backend.model.samples.reshape(-1)[0])
-                # Not reached when the request ends (end of sequence) before `steps`
-                # steps: then the samples recorded above are the whole generation.
-                store[("__tokens__", row)] = list(tracer.result.outputs[0].token_ids)
-    tokens = []
-    for row in range(len(prompts)):
-        samples = [store.pop(key) for key in sorted(k for k in store if k[0] == "__sample__" and k[2] == row)]
-        tokens.append(store.pop(("__tokens__", row), samples))
+                    run_step(backend, plan, step, [row], [0], store, scratch)
+    outputs = backend.model.last_outputs
+    tokens = [list(output.outputs[0].token_ids) for output in outputs]
     return {"store": store, "tokens": tokens}
+
+
+def _build_engine_class() -> type:
+    """nnsight's ``VLLM``, keeping the engine's outputs of the last trace.
+
+    A trace's requests come back from ``vllm.LLM.generate`` as ``RequestOutput``s in
+    submission order, holding the generated tokens; nnsight uses them to collect saves
+    and then drops them. Keeping them lets the executor read the tokens without asking
+    every request's worker for its sample at every step.
+    """
+    from nnsight.modeling.vllm import VLLM
+
+    class NnterpVLLM(VLLM):
+        last_outputs: list = []
+
+        def _call(self, prompts: list, params: list, lora_requests: list, **kwargs: Any) -> Any:
+            outputs = super()._call(prompts, params, lora_requests, **kwargs)
+            self.last_outputs = list(outputs)
+            return outputs
+
+        def __getstate__(self) -> dict:
+            state = super().__getstate__()
+            state.pop("last_outputs", None)  # client-side only; never sent to a worker
+            return state
+
+    NnterpVLLM.__module__ = __name__
+    NnterpVLLM.__qualname__ = "NnterpVLLM"
+    return NnterpVLLM
+
+
+_LAZY: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use, not at import: it subclasses nnsight's VLLM, and importing
+    # that imports vLLM. A module attribute, so pickles can name it.
+    if name == "NnterpVLLM":
+        if name not in _LAZY:
+            _LAZY[name] = _build_engine_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _register() -> None:
