@@ -37,7 +37,7 @@ demo: bundled
 	$(BIN)/python -m nnterp demo
 
 bench: bundled
-	$(BIN)/python -m benchmarks.cpu_overhead
+	$(BIN)/python -m benchmarks.throughput --preset cpu --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

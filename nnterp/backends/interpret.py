@@ -96,6 +96,22 @@ def _store(backend: Any, op: Any, step: int, rows: list[int], picked: torch.Tens
             store[(op.name, step, prompt, op.layer)] = batch[b]
 
 
+def _gather(value: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+    """``value[b, columns[b]]`` for every row ``b``: ``[rows, k, width]``.
+
+    When every row wants the same contiguous columns (always on vLLM, one row per
+    request; on HF for negative positions) this is a slice, a view. Otherwise the index
+    is built on the CPU and sent without blocking: a tensor built from a list directly
+    on the device would wait for the whole stream at every read.
+    """
+    first = columns[0]
+    if all(c == first for c in columns) and first == list(range(first[0], first[0] + len(first))):
+        return value[:, first[0]:first[0] + len(first)]
+    index = torch.tensor(columns).pin_memory() if value.is_cuda else torch.tensor(columns)
+    rows = torch.arange(len(columns))[:, None]
+    return value[rows.to(value.device, non_blocking=True), index.to(value.device, non_blocking=True)]
+
+
 def _select(value: torch.Tensor, row: int, columns: list[int], positions: Any) -> torch.Tensor:
     """One row's selected tokens: ``[width]`` for a single int position, else ``[k, width]``."""
     picked = value[row, columns]
@@ -167,8 +183,7 @@ def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int
             if columns[0] is None:  # a prompt position, at a generation step
                 continue
             # all rows at once: one gather, one unembedding, one copy off the device
-            index = torch.tensor(columns, device=value.device)
-            picked = value[torch.arange(len(rows), device=value.device)[:, None], index]
+            picked = _gather(value, columns)
             if isinstance(op.positions, int):
                 picked = picked[:, 0]
             _store(backend, op, step, rows, picked, store)

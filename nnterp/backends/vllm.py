@@ -247,13 +247,15 @@ class VLLMBackend(Backend):
             hidden = args[at]
             residual = args[at + 1] if at + 1 < len(args) else None
             value = hidden if residual is None else hidden + residual
+            fresh = residual is not None
         else:
             out = envoy.output
-            if isinstance(out, tuple):
-                value = out[0] + out[1] if len(out) > 1 and out[1] is not None else out[0]
-            else:
-                value = out
-        return _guarded(value.unsqueeze(0))  # [tokens, hidden] -> [1, tokens, hidden]
+            fresh = isinstance(out, tuple) and len(out) > 1 and out[1] is not None
+            value = (out[0] + out[1] if fresh else out[0]) if isinstance(out, tuple) else out
+        # [tokens, hidden] -> [1, tokens, hidden]; a sum is already a private tensor, a
+        # module's own output is vLLM's buffer and is copied
+        value = value.unsqueeze(0)
+        return value.as_subclass(ReadOnlyActivation) if fresh else _guarded(value)
 
     def add(self, kind: SiteKind, layer: int | None, delta: torch.Tensor) -> None:
         """Add ``delta`` to a site at every token, in place: one kernel, no copies.
@@ -454,6 +456,9 @@ def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
     if not isinstance(prompt, str):
         return
     limit = vllm_model.vllm_entrypoint.llm_engine.model_config.max_model_len
+    if len(prompt.encode()) + 16 < limit:
+        # a token covers at least one byte of the text; the margin is for special tokens
+        return
     n = len(vllm_model.tokenizer(prompt)["input_ids"])
     if n >= limit:
         raise PromptTooLongError(

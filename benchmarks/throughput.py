@@ -1,0 +1,608 @@
+"""Throughput of nnterp against its anchors: every workload on every system, in one process.
+
+Workloads (sizes per preset; the GPU presets use the sizes of issue 7):
+
+* ``steer``: greedy generation with a vector added to a middle layer's output at every
+  position and every step (GPU: 64 prompts of 32 tokens, 128 new tokens each);
+* ``lens``: the logit lens over all layers at the last position, top-5 (GPU: 256 prompts);
+* ``collect``: the last-token residual stream of every layer (GPU: 1,024 prompts).
+
+Systems:
+
+* ``vllm-graphs``, ``vllm-eager``: vanilla vLLM, no intervention (the ceiling), with CUDA
+  graphs and eager; for lens and collect, one generated token per prompt;
+* ``hf``: vanilla transformers, no intervention (the floor): ``generate`` for steer, one
+  batched forward pass for lens and collect;
+* ``dsl-vllm``, ``dsl-hf``: ``nnterp.dsl.run`` on each backend;
+* ``nnsight-vllm``, ``nnsight-hf``: the same work written by hand against nnsight and the
+  model's own module paths, the way an experienced nnsight user writes it (values kept
+  on the device, in-place edits);
+* ``...-graphs`` variants of the two vLLM ones: the engine replays CUDA graphs and serves
+  the residual stream through nnsight taps (``cuda_graphs=True`` in nnterp);
+* ``...-tp2``: the same at tensor parallel 2 (``--tp2``, needs two GPUs).
+
+Every system is timed after a warm-up on the same prompts, ``--repeats`` times (median).
+Generated tokens are compared between each nnterp system and its hand-written twin, so a
+ratio never compares different work. Results go to ``OUT/throughput-<preset>.json`` and
+``.md``. Models are built on the machine: random-weight Llama configurations (``1b``,
+``8b``), saved once under ``--models``; the ``cpu`` preset uses the bundled SmolLM2.
+
+Run: ``python -m benchmarks.throughput --preset 1b --out results`` on a GPU host;
+``make bench`` runs ``--preset cpu``, a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+#: random-weight Llama shapes; vocabulary and tokenizer are the bundled SmolLM2's
+LLAMA_SHAPES = {
+    # TinyLlama-1.1B's shape
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+    # Llama-3-8B's shape: 16 GB of bfloat16 weights, comfortable on one 80 GB H100
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8),
+}
+
+PRESETS = {
+    "1b": dict(model="1b", dtype="bfloat16", steer=(64, 32, 128), lens=(256, 32), collect=(1024, 32)),
+    "8b": dict(model="8b", dtype="bfloat16", steer=(64, 32, 128), lens=(256, 32), collect=(1024, 32)),
+    "cpu": dict(model="bundled", dtype="float32", steer=(4, 16, 8), lens=(8, 16), collect=(16, 16)),
+}
+
+TOP_K = 5
+
+
+# -- models and prompts -----------------------------------------------------------------
+
+def build_model(shape: str, folder: Path, tokenizer: Path) -> Path:
+    """Save a random-weight Llama of ``shape`` (bfloat16) with ``tokenizer``, once."""
+    import transformers
+
+    if (folder / "config.json").exists():
+        return folder
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
+    config = transformers.LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                                      **LLAMA_SHAPES[shape])
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial, max_shard_size="4GB")
+    tok.save_pretrained(partial)
+    partial.rename(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return folder
+
+
+def make_prompts(tokenizer: Any, n: int, length: int, seed: int) -> list[str]:
+    """``n`` prompts of exactly ``length`` tokens, of random whole words."""
+    rng = random.Random(seed)
+    words = [w for w in (tokenizer.decode([i]) for i in range(min(len(tokenizer), 20000)))
+             if len(w) > 3 and w[0] == " " and w[1:].isalpha() and w[1:].islower()]
+    prompts = []
+    while len(prompts) < n:
+        text = "".join(rng.choice(words) for _ in range(length))
+        if len(tokenizer(text)["input_ids"]) == length:
+            prompts.append(text)
+    return prompts
+
+
+# -- hand-written nnsight ---------------------------------------------------------------
+
+def hand_vllm_steer(nn: Any, prompts: list[str], layer: int, vector: torch.Tensor, n_tokens: int) -> list:
+    with nn.trace(temperature=0.0, max_tokens=n_tokens) as tracer:
+        for prompt in prompts:
+            with tracer.invoke(prompt):
+                delta = None
+                for step in tracer.iter[:n_tokens]:
+                    out = nn.model.layers[layer].output
+                    hidden = out[0] if isinstance(out, tuple) else out
+                    if delta is None:
+                        delta = vector.to(hidden.device, hidden.dtype)
+                    hidden += delta  # hidden + residual is the stream: adding to hidden steers it
+    return [list(o.outputs[0].token_ids) for o in nn.last_outputs]
+
+
+def hand_vllm_lens(nn: Any, prompts: list[str], layers: int) -> dict:
+    import nnsight
+
+    with nn.trace(temperature=0.0, max_tokens=1) as tracer:
+        store = nnsight.save({})
+        for row, prompt in enumerate(prompts):
+            with tracer.invoke(prompt):
+                for i in range(layers):
+                    out = nn.model.layers[i].output
+                    last = out[0][-1:] + out[1][-1:]
+                    logits = torch.nn.functional.linear(nn.model.norm(last), nn.lm_head.weight)
+                    top = logits.float().softmax(-1).topk(TOP_K, dim=-1)
+                    store[(row, i)] = (top.values.clone(), top.indices.clone())
+    return store
+
+
+def hand_vllm_collect(nn: Any, prompts: list[str], layers: int) -> dict:
+    import nnsight
+
+    with nn.trace(temperature=0.0, max_tokens=1) as tracer:
+        store = nnsight.save({})
+        for row, prompt in enumerate(prompts):
+            with tracer.invoke(prompt):
+                for i in range(layers):
+                    out = nn.model.layers[i].output
+                    store[(row, i)] = out[0][-1] + out[1][-1]  # a new tensor: safe to keep
+    return store
+
+
+def hand_hf_steer(nn: Any, prompts: list[str], layer: int, vector: torch.Tensor, n_tokens: int) -> list:
+    with torch.no_grad(), nn.generate(prompts, max_new_tokens=n_tokens, do_sample=False,
+                                      pad_token_id=nn.tokenizer.pad_token_id) as tracer:
+        delta = None
+        for step in tracer.iter[:n_tokens]:
+            out = nn.model.layers[layer].output
+            hidden = out[0] if isinstance(out, tuple) else out
+            if delta is None:
+                delta = vector.to(hidden.device, hidden.dtype)
+            hidden += delta
+        ids = tracer.result.save()
+    return ids[:, -n_tokens:].tolist()
+
+
+def hand_hf_lens(nn: Any, prompts: list[str], layers: int) -> list:
+    results = []
+    with torch.no_grad(), nn.trace(prompts):
+        for i in range(layers):
+            out = nn.model.layers[i].output
+            last = (out[0] if isinstance(out, tuple) else out)[:, -1]
+            top = nn.lm_head(nn.model.norm(last)).float().softmax(-1).topk(TOP_K, dim=-1)
+            results.append((top.values.save(), top.indices.save()))
+    return results
+
+
+def hand_hf_collect(nn: Any, prompts: list[str], layers: int) -> list:
+    results = []
+    with torch.no_grad(), nn.trace(prompts):
+        for i in range(layers):
+            out = nn.model.layers[i].output
+            results.append((out[0] if isinstance(out, tuple) else out)[:, -1].save())
+    return results
+
+
+# -- nnterp DSL -------------------------------------------------------------------------
+
+def dsl_steer(model: Any, prompts: list[str], layer: int, vector: torch.Tensor, n_tokens: int) -> list:
+    from nnterp.dsl import Sampling, Steer, run
+
+    return run(Steer(layer, vector), model, prompts, sampling=Sampling(max_tokens=n_tokens)).tokens
+
+
+def dsl_lens(model: Any, prompts: list[str], layers: int) -> Any:
+    from nnterp.dsl import Lens, run
+
+    return run(Lens(top_k=TOP_K), model, prompts)["lens"]
+
+
+def dsl_collect(model: Any, prompts: list[str], layers: int) -> Any:
+    from nnterp.dsl import Graph, Read, run
+
+    return run(Graph([Read(f"layers[{i}].output") for i in range(layers)]), model, prompts)
+
+
+# -- vanilla ----------------------------------------------------------------------------
+
+def vllm_generate(llm: Any, prompts: list[str], n_tokens: int) -> list:
+    from vllm import SamplingParams
+
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n_tokens), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def hf_generate(hf: Any, tokenizer: Any, prompts: list[str], n_tokens: int) -> list:
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(hf.device)
+    with torch.no_grad():
+        ids = hf.generate(**encoded, max_new_tokens=n_tokens, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id)
+    return ids[:, encoded["input_ids"].shape[1]:].tolist()
+
+
+def hf_forward(hf: Any, tokenizer: Any, prompts: list[str]) -> Any:
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(hf.device)
+    with torch.no_grad():
+        return hf(**encoded).logits[:, -1].float().cpu()
+
+
+# -- harness ----------------------------------------------------------------------------
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Bench:
+    """Times each (workload, system), keeps tokens for cross-checks, writes as it goes."""
+
+    def __init__(self, preset: str, out: Path, repeats: int, meta: dict) -> None:
+        self.preset, self.out, self.repeats, self.meta = preset, out, repeats, meta
+        self.rows: list[dict] = []
+        self.tokens: dict[tuple[str, str], list] = {}
+
+    def time(self, workload: str, system: str, fn: Callable[[], Any], warmup: Callable[[], Any],
+             units: Callable[[Any], int], unit: str) -> None:
+        """Time ``fn`` (median of ``repeats``) after one call of ``warmup``, a smaller run of
+        the same kind that brings every lazy path up (kernels, caches, allocator)."""
+        row = {"workload": workload, "system": system, "unit": unit}
+        try:
+            warmup()
+            _sync()
+            seconds = []
+            for _ in range(self.repeats):
+                start = time.perf_counter()
+                result = fn()
+                _sync()
+                seconds.append(time.perf_counter() - start)
+            median = statistics.median(seconds)
+            count = units(result)
+            row.update(seconds=median, all_seconds=seconds, count=count, rate=count / median)
+            if workload == "steer":
+                self.tokens[(workload, system)] = result
+        except Exception as error:  # a failing system is reported, and the others still run
+            row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}")
+            traceback.print_exc()
+        self.rows.append(row)
+        rate = f"{row['rate']:.1f} {unit}/s ({row['seconds']:.2f} s)" if "rate" in row else row["error"]
+        print(f"[bench] {workload:<8} {system:<22} {rate}", flush=True)
+        self.write()
+
+    def rate(self, workload: str, system: str) -> float | None:
+        for row in self.rows:
+            if row["workload"] == workload and row["system"] == system and "rate" in row:
+                return row["rate"]
+        return None
+
+    def ratios(self) -> list[dict]:
+        """The targets of issue 7, as measured in this run."""
+        found = []
+
+        def ratio(name: str, num: tuple[str, str], den: tuple[str, str], target: float) -> None:
+            a, b = self.rate(*num), self.rate(*den)
+            value = a / b if a and b else None
+            found.append({"ratio": name, "numerator": "/".join(num), "denominator": "/".join(den),
+                          "value": value, "target": target, "met": value is not None and value >= target})
+
+        best = max((s for s in ("dsl-vllm", "dsl-vllm-graphs") if self.rate("steer", s)),
+                   key=lambda s: self.rate("steer", s), default="dsl-vllm")
+        ratio("steer: DSL-vLLM / DSL-HF", ("steer", best), ("steer", "dsl-hf"), 10.0)
+        ratio("steer: DSL-vLLM / vanilla vLLM (CUDA graphs)", ("steer", best), ("steer", "vllm-graphs"), 0.5)
+        for workload in ("steer", "lens", "collect"):
+            for dsl, hand in (("dsl-hf", "nnsight-hf"), ("dsl-vllm", "nnsight-vllm"),
+                              ("dsl-vllm-graphs", "nnsight-vllm-graphs"),
+                              ("dsl-vllm-tp2", "nnsight-vllm-tp2")):
+                if self.rate(workload, dsl) or self.rate(workload, hand):
+                    ratio(f"{workload}: {dsl} / {hand}", (workload, dsl), (workload, hand), 0.95)
+        return found
+
+    def agreement(self) -> list[dict]:
+        pairs = [("dsl-hf", "nnsight-hf"), ("dsl-vllm", "nnsight-vllm"), ("dsl-vllm-graphs", "nnsight-vllm-graphs"),
+                 ("dsl-vllm", "dsl-vllm-graphs"), ("vllm-eager", "vllm-graphs")]
+        found = []
+        for a, b in pairs:
+            ta, tb = self.tokens.get(("steer", a)), self.tokens.get(("steer", b))
+            if ta is not None and tb is not None:
+                same = sum(x == y for x, y in zip(ta, tb))
+                found.append({"pair": f"{a} vs {b}", "identical_generations": same, "of": len(ta)})
+        return found
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        document = {"meta": self.meta, "rows": self.rows, "ratios": self.ratios(), "agreement": self.agreement()}
+        (self.out / f"throughput-{self.preset}.json").write_text(json.dumps(document, indent=1))
+        (self.out / f"throughput-{self.preset}.md").write_text(render(document))
+
+
+def render(document: dict) -> str:
+    meta = document["meta"]
+    lines = [f"### {meta['preset']}: {meta['model']}", "",
+             f"{meta['device']}; {meta['date']}; commit {meta['commit']}; torch {meta['torch']}, "
+             f"vLLM {meta['vllm']}, nnsight {meta['nnsight']}, transformers {meta['transformers']}; "
+             f"{meta['dtype']}; median of {meta['repeats']} after a warm-up.", "",
+             "| workload | system | rate | seconds |", "| --- | --- | --- | --- |"]
+    for row in document["rows"]:
+        if "rate" in row:
+            lines.append(f"| {row['workload']} | {row['system']} | {row['rate']:,.1f} {row['unit']}/s | "
+                         f"{row['seconds']:.2f} |")
+        else:
+            lines.append(f"| {row['workload']} | {row['system']} | failed: {row['error']} | |")
+    lines += ["", "| ratio | value | target | met |", "| --- | --- | --- | --- |"]
+    for r in document["ratios"]:
+        value = f"{r['value']:.3f}" if r["value"] is not None else "n/a"
+        lines.append(f"| {r['ratio']} | {value} | >= {r['target']} | {'yes' if r['met'] else 'no'} |")
+    if document["agreement"]:
+        lines += ["", "| steer generations compared | identical |", "| --- | --- |"]
+        for a in document["agreement"]:
+            lines.append(f"| {a['pair']} | {a['identical_generations']} / {a['of']} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_merged(paths: list[Path]) -> str:
+    """One table from several runs' JSON files (rows in order; meta of the first)."""
+    documents = [json.loads(path.read_text()) for path in paths]
+    bench = Bench(documents[0]["meta"]["preset"], Path("."), documents[0]["meta"]["repeats"], documents[0]["meta"])
+    for document in documents:
+        bench.rows += document["rows"]
+    return render({"meta": bench.meta, "rows": bench.rows, "ratios": bench.ratios(), "agreement": []})
+
+
+def _meta(preset: str, model: str, dtype: str, repeats: int) -> dict:
+    import nnsight
+    import transformers
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except Exception:
+        vllm_version = "not installed"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'}, {len(os.sched_getaffinity(0))} cores)"
+    commit = os.environ.get("NNTERP_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except Exception:
+            commit = "unknown"
+    return {"preset": preset, "model": model, "dtype": dtype, "repeats": repeats, "device": device,
+            "gpus": torch.cuda.device_count(), "date": datetime.date.today().isoformat(), "commit": commit,
+            "torch": torch.__version__, "vllm": vllm_version, "nnsight": nnsight.__version__,
+            "transformers": transformers.__version__}
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _shutdown_llm(llm: Any) -> None:
+    engine = getattr(llm, "llm_engine", None)
+    client = getattr(engine, "engine_core", None)
+    if client is not None:
+        client.shutdown()
+
+
+def _wait_for_gpu_memory(fraction: float = 0.8, timeout: float = 60.0) -> None:
+    """Wait until a shut-down engine's process has given its GPU memory back."""
+    if not torch.cuda.is_available():
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        free, total = torch.cuda.mem_get_info(0)
+        if free >= fraction * total:
+            return
+        time.sleep(1)
+
+
+def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts: list[str], layer: int,
+                    vector: torch.Tensor, n_tokens: int, generated: Callable) -> None:
+    """Steering at tensor parallel 2: vanilla vLLM (CUDA graphs) and the DSL (taps, and eager)."""
+    from vllm import LLM
+
+    from nnterp import StandardizedTransformer
+
+    few = prompts[:8]
+    os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)
+    try:
+        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, **engine, **sizes)
+        bench.time("steer", "vllm-graphs-tp2", lambda: vllm_generate(llm, prompts, n_tokens),
+                   lambda: vllm_generate(llm, few, 8), generated, "tok")
+        _shutdown_llm(llm)
+        del llm
+    except Exception as error:
+        bench.rows.append({"workload": "steer", "system": "vllm-graphs-tp2", "error": f"engine: {error}"})
+        traceback.print_exc()
+    _free()
+    _wait_for_gpu_memory()
+    for system, graphs in (("dsl-vllm-graphs-tp2", True), ("dsl-vllm-tp2", False)):
+        try:
+            model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, tensor_parallel_size=2,
+                                            **engine, **(sizes if graphs else {}))
+        except Exception as error:
+            bench.rows.append({"workload": "steer", "system": system, "error": f"engine: {error}"})
+            traceback.print_exc()
+            continue
+        bench.time("steer", system, lambda: dsl_steer(model, prompts, layer, vector, n_tokens),
+                   lambda: dsl_steer(model, few, layer, vector, 8), generated, "tok")
+        model.close()
+        del model
+        _free()
+        _wait_for_gpu_memory()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--models", type=Path, default=Path(os.environ.get("NNTERP_BENCH_MODELS", "/tmp/nnterp-bench")))
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the bundled model's)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--systems", default="all", help="comma-separated systems to run (default: all)")
+    parser.add_argument("--tp2", action="store_true", help="also run steer at tensor parallel 2")
+    parser.add_argument("--gpu-memory", type=float, default=0.45, help="gpu_memory_utilization per engine")
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
+    parser.add_argument("--render", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="print one table (and its ratios) from the rows of earlier runs' JSON files")
+    args = parser.parse_args()
+    if args.render:
+        print(render_merged(args.render))
+        return
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+    import nnterp
+    from nnterp import StandardizedTransformer
+
+    preset = PRESETS[args.preset]
+    gpu = torch.cuda.is_available()
+    repeats = args.repeats or (1 if gpu else 3)
+    if preset["model"] == "bundled":
+        path = nnterp.bundled_model_path()
+    else:
+        tokenizer_dir = args.tokenizer or nnterp.bundled_model_path()
+        start = time.perf_counter()
+        path = build_model(preset["model"], args.models / f"llama-{preset['model']}", tokenizer_dir)
+        print(f"[bench] model at {path} ({time.perf_counter() - start:.0f} s)", flush=True)
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = transformers.AutoConfig.from_pretrained(path)
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    n_steer, steer_len, n_tokens = preset["steer"]
+    steer_prompts = make_prompts(tokenizer, n_steer, steer_len, seed=1)
+    lens_prompts = make_prompts(tokenizer, preset["lens"][0], preset["lens"][1], seed=2)
+    collect_prompts = make_prompts(tokenizer, preset["collect"][0], preset["collect"][1], seed=3)
+    vector = 4.0 * torch.randn(hidden, generator=torch.Generator().manual_seed(0)) / hidden ** 0.5
+    mid = layers // 2
+    dtype = preset["dtype"]
+    meta = _meta(args.preset, f"{preset['model']} Llama ({layers} layers, hidden {hidden}, vocab {config.vocab_size})"
+                 if preset["model"] != "bundled" else "bundled SmolLM2-135M-Instruct", dtype, repeats)
+    meta["workloads"] = {"steer": f"{n_steer} prompts x {steer_len} tokens, {n_tokens} new tokens, greedy, "
+                                  f"vector added to layer {mid} at every position and step",
+                         "lens": f"{len(lens_prompts)} prompts x {preset['lens'][1]} tokens, all {layers} layers, "
+                                 f"last position, top-{TOP_K}",
+                         "collect": f"{len(collect_prompts)} prompts x {preset['collect'][1]} tokens, last-token "
+                                    f"residual stream of all {layers} layers"}
+    bench = Bench(args.preset + args.tag, args.out, repeats, meta)
+    wanted = None if args.systems == "all" else set(args.systems.split(","))
+
+    def want(system: str) -> bool:
+        return wanted is None or system in wanted
+
+    generated = lambda tokens: sum(len(t) for t in tokens)  # noqa: E731
+    engine = dict(dtype=dtype)
+    if gpu:
+        engine.update(gpu_memory_utilization=args.gpu_memory, max_model_len=512)
+
+    def workloads(system: str, steer: Callable, lens: Callable, collect: Callable) -> None:
+        """Time one system on the three workloads; ``steer(prompts, n_tokens)``, ``lens(prompts)``."""
+        few = 8
+        bench.time("steer", system, lambda: steer(steer_prompts, n_tokens),
+                   lambda: steer(steer_prompts[:few], min(8, n_tokens)), generated, "tok")
+        bench.time("lens", system, lambda: lens(lens_prompts), lambda: lens(lens_prompts[:few]),
+                   lambda _: len(lens_prompts), "prompt")
+        bench.time("collect", system, lambda: collect(collect_prompts), lambda: collect(collect_prompts[:few]),
+                   lambda _: len(collect_prompts), "prompt")
+
+    def hf_systems() -> None:
+        """The DSL, hand-written nnsight and vanilla transformers, on one HF model."""
+        if not any(want(s) for s in ("hf", "dsl-hf", "nnsight-hf")):
+            return
+        model = StandardizedTransformer(path, backend="hf", dtype=getattr(torch, dtype),
+                                        device_map="cuda" if gpu else "cpu")
+        hf, nn = model._backend.model._module, model._backend.model
+        if want("dsl-hf"):
+            workloads("dsl-hf", lambda p, n: dsl_steer(model, p, mid, vector, n),
+                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))
+        if want("nnsight-hf"):
+            workloads("nnsight-hf", lambda p, n: hand_hf_steer(nn, p, mid, vector, n),
+                      lambda p: hand_hf_lens(nn, p, layers), lambda p: hand_hf_collect(nn, p, layers))
+        if want("hf"):
+            workloads("hf", lambda p, n: hf_generate(hf, tokenizer, p, n),
+                      lambda p: hf_forward(hf, tokenizer, p), lambda p: hf_forward(hf, tokenizer, p))
+        del model, hf, nn
+        _free()
+
+    def nnterp_vllm(suffix: str, graphs: bool) -> None:
+        """The DSL and hand-written nnsight on one nnterp vLLM engine."""
+        systems = (f"dsl-vllm{suffix}", f"nnsight-vllm{suffix}")
+        if not any(want(s) for s in systems):
+            return
+        start = time.perf_counter()
+        try:
+            model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, **engine, **graph_sizes(graphs))
+        except Exception as error:
+            bench.rows.append({"workload": "all", "system": systems[0], "error": f"engine: {error}"})
+            traceback.print_exc()
+            return
+        print(f"[bench] nnterp vllm{suffix} engine up in {time.perf_counter() - start:.0f} s", flush=True)
+        nn = model._backend.model
+        if want(systems[0]):
+            workloads(systems[0], lambda p, n: dsl_steer(model, p, mid, vector, n),
+                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))
+        if want(systems[1]):
+            workloads(systems[1], lambda p, n: hand_vllm_steer(nn, p, mid, vector, n),
+                      lambda p: hand_vllm_lens(nn, p, layers), lambda p: hand_vllm_collect(nn, p, layers))
+        model.close()
+        del model, nn
+        _free()
+        _wait_for_gpu_memory()
+
+    def vanilla_vllm(system: str, eager: bool) -> None:
+        """vLLM with no intervention: the ceiling."""
+        if not want(system) or (not gpu and not eager):
+            return
+        os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)  # set by a tapped nnsight engine
+        from vllm import LLM
+
+        kwargs = dict(engine, **graph_sizes(not eager))
+        if not gpu:
+            from nnterp.backends.vllm_cpu import cpu_engine_kwargs
+
+            kwargs = cpu_engine_kwargs(**kwargs)
+        kwargs.update(enforce_eager=eager, enable_prefix_caching=False)
+        start = time.perf_counter()
+        try:
+            llm = LLM(str(path), **kwargs)
+        except Exception as error:
+            bench.rows.append({"workload": "all", "system": system, "error": f"engine: {error}"})
+            traceback.print_exc()
+            return
+        print(f"[bench] {system} engine up in {time.perf_counter() - start:.0f} s", flush=True)
+        workloads(system, lambda p, n: vllm_generate(llm, p, n), lambda p: vllm_generate(llm, p, 1),
+                  lambda p: vllm_generate(llm, p, 1))
+        _shutdown_llm(llm)
+        del llm
+        _free()
+        _wait_for_gpu_memory()
+
+    def graph_sizes(graphs: bool) -> dict:
+        # Capture graphs only for the batch sizes a run can use (steering decodes 64
+        # sequences at a time): the same graphs vLLM would replay, captured in seconds.
+        if not (gpu and graphs):
+            return {}
+        return {"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}}
+
+    # Most telling first: a run cut off by a time limit keeps what it measured.
+    hf_systems()
+    nnterp_vllm("", False)
+    if gpu:
+        nnterp_vllm("-graphs", True)
+    vanilla_vllm("vllm-graphs", False)
+    vanilla_vllm("vllm-eager", True)
+    if args.tp2:
+        tensor_parallel(bench, path, engine, graph_sizes(True), steer_prompts, mid, vector, n_tokens, generated)
+    bench.write()
+    print((args.out / f"throughput-{args.preset}{args.tag}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
