@@ -402,24 +402,17 @@ def _wait_for_gpu_memory(fraction: float = 0.8, timeout: float = 60.0) -> None:
 
 def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts: list[str], layer: int,
                     vector: torch.Tensor, n_tokens: int, generated: Callable) -> None:
-    """Steering at tensor parallel 2: vanilla vLLM (CUDA graphs) and the DSL (taps, and eager)."""
+    """Steering at tensor parallel 2: the DSL (taps, and eager), then vanilla vLLM (CUDA graphs).
+
+    The DSL runs first: on the 2-GPU H100 host, vanilla vLLM 0.26's compiled engine at
+    TP=2 crashed in its start-up profiling run (cuBLAS internal error, then an illegal
+    memory access in its symmetric-memory all-reduce), and took the time of the run with it.
+    """
     from vllm import LLM
 
     from nnterp import StandardizedTransformer
 
     few = prompts[:8]
-    os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)
-    try:
-        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, **engine, **sizes)
-        bench.time("steer", "vllm-graphs-tp2", lambda: vllm_generate(llm, prompts, n_tokens),
-                   lambda: vllm_generate(llm, few, 8), generated, "tok")
-        _shutdown_llm(llm)
-        del llm
-    except Exception as error:
-        bench.rows.append({"workload": "steer", "system": "vllm-graphs-tp2", "error": f"engine: {error}"})
-        traceback.print_exc()
-    _free()
-    _wait_for_gpu_memory()
     for system, graphs in (("dsl-vllm-graphs-tp2", True), ("dsl-vllm-tp2", False)):
         try:
             model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, tensor_parallel_size=2,
@@ -434,6 +427,17 @@ def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts
         del model
         _free()
         _wait_for_gpu_memory()
+    os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)
+    try:
+        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, **engine, **sizes)
+        bench.time("steer", "vllm-graphs-tp2", lambda: vllm_generate(llm, prompts, n_tokens),
+                   lambda: vllm_generate(llm, few, 8), generated, "tok")
+        _shutdown_llm(llm)
+        del llm
+    except Exception as error:
+        bench.rows.append({"workload": "steer", "system": "vllm-graphs-tp2", "error": f"engine: {error}"})
+        traceback.print_exc()
+    _free()
 
 
 def main() -> None:

@@ -32,13 +32,15 @@ if RANKS_AVAILABLE < 2:
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 PROMPTS = ["The capital of France is", "One, two, three, four"]
-#: (device, dtype) -> absolute tolerance between TP=1 and TP=2 on activations and logits
+#: (device, dtype) -> (absolute tolerance, tolerance relative to the token's largest value)
+#: between TP=1 and TP=2. bfloat16 on two H100s: 0.031 at a token of scale 27 (a steered
+#: residual stream), i.e. one bfloat16 rounding step of that token's larger features.
 TOLERANCES = {
-    ("cpu", "float32"): 1e-5,
-    ("cuda", "float32"): 1e-2,
-    ("cuda", "bfloat16"): 3e-2,
+    ("cpu", "float32"): (1e-5, 0.0),
+    ("cuda", "float32"): (1e-2, 0.0),
+    ("cuda", "bfloat16"): (0.02, 0.01),
 }
-ATOL = TOLERANCES.get((DEVICE, TEST_DTYPE), 0.1)
+ATOL, TOKEN_RTOL = TOLERANCES.get((DEVICE, TEST_DTYPE), (0.1, 0.02))
 SITES = ["layers[{i}].input", "attentions[{i}].output", "mlps[{i}].output", "layers[{i}].output"]
 
 
@@ -61,8 +63,10 @@ def engines(vllm_models, tiny_dir):
 def _close(got, want, what):
     got, want = torch.as_tensor(got).float(), torch.as_tensor(want).float()
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= ATOL, f"{what}: TP=2 differs from TP=1 by {diff:.3g} (tolerance {ATOL})"
+    diff = (got - want).abs()
+    bound = ATOL + TOKEN_RTOL * want.abs().amax(dim=-1, keepdim=True)
+    assert (diff <= bound).all(), (f"{what}: TP=2 differs from TP=1 by {diff.max().item():.3g} "
+                                   f"(tolerance {ATOL} + {TOKEN_RTOL} x the token's largest value)")
 
 
 def _both(engines, family, graph, **kwargs):
