@@ -418,33 +418,39 @@ def _translate_worker_error(message: str) -> Exception | None:
 
 
 def _tracer_class():
+    return __getattr__("NnterpVLLMTracer")
+
+
+def _build_tracer_class() -> type:
+    """nnsight's vLLM tracer: checks each invoke's prompt length before the engine sees
+    it, and re-raises nnterp's own errors from the worker.
+
+    A module attribute (through ``__getattr__``) rather than a class local to a
+    function: every request's worker holds the tracer, and nnsight pickles a class it
+    cannot import by value, its methods by their source, once per request.
+    """
     from nnsight.modeling.vllm.tracer import VLLMTracer
 
-    global _NnterpVLLMTracer
-    if _NnterpVLLMTracer is None:
-        class NnterpVLLMTracer(VLLMTracer):
-            """nnsight's vLLM tracer: checks each invoke's prompt length before the engine
-            sees it, and re-raises nnterp's own errors from the worker."""
+    class NnterpVLLMTracer(VLLMTracer):
+        def invoke(self, *inputs, **kwargs):
+            for prompt in _flatten_prompts(inputs):
+                _check_prompt_length(self.envoy, prompt)
+            return VLLMTracer.invoke(self, *inputs, **kwargs)
 
-            def invoke(self, *inputs, **kwargs):
-                for prompt in _flatten_prompts(inputs):
-                    _check_prompt_length(self.envoy, prompt)
-                return super().invoke(*inputs, **kwargs)
+        def __exit__(self, exc_type, exc_value, traceback):
+            try:
+                # named, not super(): nnsight recompiles the code of a trace's frames,
+                # which loses the implicit __class__ cell
+                return VLLMTracer.__exit__(self, exc_type, exc_value, traceback)
+            except RuntimeError as err:
+                translated = _translate_worker_error(str(err))
+                if translated is None:
+                    raise
+                raise translated from err
 
-            def __exit__(self, exc_type, exc_value, traceback):
-                try:
-                    return super().__exit__(exc_type, exc_value, traceback)
-                except RuntimeError as err:
-                    translated = _translate_worker_error(str(err))
-                    if translated is None:
-                        raise
-                    raise translated from err
-
-        _NnterpVLLMTracer = NnterpVLLMTracer
-    return _NnterpVLLMTracer
-
-
-_NnterpVLLMTracer = None
+    NnterpVLLMTracer.__module__ = __name__
+    NnterpVLLMTracer.__qualname__ = "NnterpVLLMTracer"
+    return NnterpVLLMTracer
 
 
 def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
@@ -503,10 +509,15 @@ def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling
         for row, prompt in enumerate(prompts):
             with tracer.invoke(prompt):
                 scratch = {}
-                # The loop ends early, and nothing after it runs, when the request
-                # reaches end of sequence first; so nothing follows it.
-                for step in tracer.iter[:steps]:
-                    run_step(backend, plan, step, [row], [0], store, scratch)
+                if steps == 1:
+                    # the prompt pass alone (a lens, a sweep of reads): no step loop,
+                    # which nnsight would build and ship for every request
+                    run_step(backend, plan, 0, [row], [0], store, scratch)
+                else:
+                    # The loop ends early, and nothing after it runs, when the request
+                    # reaches end of sequence first; so nothing follows it.
+                    for step in tracer.iter[:steps]:
+                        run_step(backend, plan, step, [row], [0], store, scratch)
     outputs = backend.model.last_outputs
     tokens = [list(output.outputs[0].token_ids) for output in outputs]
     return {"store": store, "tokens": tokens}
@@ -526,12 +537,12 @@ def _build_engine_class() -> type:
         last_outputs: list = []
 
         def _call(self, prompts: list, params: list, lora_requests: list, **kwargs: Any) -> Any:
-            outputs = super()._call(prompts, params, lora_requests, **kwargs)
+            outputs = VLLM._call(self, prompts, params, lora_requests, **kwargs)
             self.last_outputs = list(outputs)
             return outputs
 
         def __getstate__(self) -> dict:
-            state = super().__getstate__()
+            state = VLLM.__getstate__(self)
             state.pop("last_outputs", None)  # client-side only; never sent to a worker
             return state
 
@@ -546,9 +557,10 @@ _LAZY: dict[str, Any] = {}
 def __getattr__(name: str) -> Any:
     # Built on first use, not at import: it subclasses nnsight's VLLM, and importing
     # that imports vLLM. A module attribute, so pickles can name it.
-    if name == "NnterpVLLM":
+    builders = {"NnterpVLLM": _build_engine_class, "NnterpVLLMTracer": _build_tracer_class}
+    if name in builders:
         if name not in _LAZY:
-            _LAZY[name] = _build_engine_class()
+            _LAZY[name] = builders[name]()
         return _LAZY[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
