@@ -264,3 +264,18 @@ def test_close_frees_the_engine_and_a_second_engine_starts(tiny_dir):
     leftover = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
     assert leftover == []
+
+
+def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenizer_path, hf_models):
+    """vLLM pads the unembedding to a multiple of 64 rows; a lens must not spread
+    probability over the padding. 49,157 = 768 x 64 + 5 leaves 59 padding rows."""
+    import tiny_models
+    from nnterp.dsl import Lens, run
+
+    folder = tiny_models.build("llama", tmp_path / "llama-49157", tokenizer_path, vocab_size=49157)
+    hf = StandardizedTransformer(folder, backend="hf")
+    with StandardizedTransformer(folder, backend="vllm", **engine_kwargs()) as model:
+        got = run(Lens(), model, [PROMPT])["lens"]
+    want = run(Lens(), hf, [PROMPT])["lens"]
+    assert got.shape == want.shape == (1, hf.num_layers, 49157)
+    assert_close_per_token(got, want, "lens over a padded vocabulary")

@@ -44,11 +44,15 @@ def _configs() -> dict:
 FAMILIES = tuple(_configs())
 
 
-def build(family: str, folder: Path, tokenizer_folder: Path, seed: int = 0) -> Path:
-    """Write a random-weight model of ``family`` to ``folder`` (once) and return it."""
+def build(family: str, folder: Path, tokenizer_folder: Path, seed: int = 0, **overrides) -> Path:
+    """Write a random-weight model of ``family`` to ``folder`` (once) and return it.
+
+    ``overrides`` change the family's configuration (``vocab_size=...``)."""
     if (folder / "config.json").exists():
         return folder
     config = _configs()[family]
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at exactly 1 and biases at 0; perturb everything so a
