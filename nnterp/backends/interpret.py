@@ -166,7 +166,11 @@ def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int
             continue
         kind = _kind(op.site)
         layer = op.site.layer
+        # the interpreter never edits a read in place, so it works on a plain tensor: a
+        # backend's guarded subclass would route every later op through Python
         value = backend.read(kind, layer)
+        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+            value = value.as_subclass(torch.Tensor)
         length = value.shape[-2]
         # logits exist only at the last position (where tokens are sampled): no padding
         row_pads = [0] * len(rows) if kind is SiteKind.LOGITS else pads
