@@ -506,14 +506,17 @@ def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling
             max_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, seed=sampling.seed) as tracer:
         store = nnsight.save({})
-        for row, prompt in enumerate(prompts):
-            with tracer.invoke(prompt):
-                scratch = {}
-                if steps == 1:
-                    # the prompt pass alone (a lens, a sweep of reads): no step loop,
-                    # which nnsight would build and ship for every request
-                    run_step(backend, plan, 0, [row], [0], store, scratch)
-                else:
+        # nnsight pickles, for every request, each name its block reads: the prompt
+        # pass alone (a lens, a sweep of reads) gets a block without the step loop,
+        # which would also ship the tracer.
+        if steps == 1:
+            for row, prompt in enumerate(prompts):
+                with tracer.invoke(prompt):
+                    run_step(backend, plan, 0, [row], [0], store, {})
+        else:
+            for row, prompt in enumerate(prompts):
+                with tracer.invoke(prompt):
+                    scratch = {}
                     # The loop ends early, and nothing after it runs, when the request
                     # reaches end of sequence first; so nothing follows it.
                     for step in tracer.iter[:steps]:
