@@ -9,6 +9,7 @@ token's largest feature (see `assert_close_per_token`).
 
 from __future__ import annotations
 
+import attrs
 import nnsight
 import psutil
 import pytest
@@ -251,6 +252,11 @@ def test_hf_trace_refuses_several_tokens_but_vllm_generates(hf_models, vllm_mode
         hf_models("llama").trace(PROMPT, max_tokens=3)
 
 
+def _new_live_children(me, before):
+    return [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+
+
 def test_close_frees_the_engine_and_a_second_engine_starts(tiny_dir):
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
@@ -261,9 +267,19 @@ def test_close_frees_the_engine_and_a_second_engine_starts(tiny_dir):
         with second.trace(PROMPT):
             b = second.logits.save()
     torch.testing.assert_close(a.cpu(), b.cpu(), atol=0, rtol=0)
-    leftover = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
-    assert leftover == []
+    assert _new_live_children(me, before) == []
+
+
+def test_a_model_nnterp_cannot_map_leaves_no_engine_running(tiny_dir):
+    from nnterp import ArchitectureNotSupportedError
+    from nnterp.rename import KNOWN_ARCHITECTURES
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    wrong = attrs.evolve(KNOWN_ARCHITECTURES["llama"], layers="model.blocks")
+    with pytest.raises(ArchitectureNotSupportedError, match="model.blocks"):
+        StandardizedTransformer(tiny_dir("llama"), backend="vllm", paths=wrong, **engine_kwargs())
+    assert _new_live_children(me, before) == []
 
 
 def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenizer_path, hf_models):

@@ -177,7 +177,6 @@ class VLLMBackend(Backend):
                 "tensor_parallel_size=N instead (every rank then sees every layer)")
         if isinstance(kwargs.get("dtype"), torch.dtype):
             kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
-        self._closed = True
         engine_cls = __getattr__("NnterpVLLM")
         if vllm_cpu.is_cpu_only():
             if self.graph_kinds is not None:
@@ -191,6 +190,7 @@ class VLLMBackend(Backend):
             kwargs.setdefault("enable_prefix_caching", False)
             # Built undispatched first: the taps are module paths, found on the meta tree.
             self.model = engine_cls(name_or_path, dispatch=False, **kwargs)
+        self._closed = False
         root = self.model._module
         model_type = getattr(self.model.config, "model_type", "?")
         self.paths = paths if paths is not None else paths_for(model_type, root)
@@ -203,7 +203,6 @@ class VLLMBackend(Backend):
             if self.graph_kinds is not None:
                 self.model.taps = tuple(_tap_patterns(self.paths, self.graph_kinds))
             self.model.dispatch()
-        self._closed = False
 
     # -- description -----------------------------------------------------------------
 
