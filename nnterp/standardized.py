@@ -103,9 +103,9 @@ class StandardizedTransformer:
         if backend == "hf":
             from nnterp.backends.hf import HFBackend
 
-            if "cuda_graphs" in kwargs or "tensor_parallel_size" in kwargs:
-                option = "cuda_graphs" if "cuda_graphs" in kwargs else "tensor_parallel_size"
-                raise ValueError(f"{option} is a vLLM engine option; load with backend='vllm' to use it")
+            for option in ("cuda_graphs", "tensor_parallel_size"):
+                if option in kwargs:
+                    raise ValueError(f"{option} is a vLLM engine option; load with backend='vllm' to use it")
 
             self._backend: Backend = HFBackend(
                 path, paths=paths, enable_attention_probs=enable_attention_probs, **kwargs
