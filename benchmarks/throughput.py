@@ -237,6 +237,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 class Bench:
     """Times each (workload, system), keeps tokens for cross-checks, writes as it goes."""
 
@@ -265,11 +270,21 @@ class Bench:
             if workload == "steer":
                 self.tokens[(workload, system)] = result
         except Exception as error:  # a failing system is reported, and the others still run
-            row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}")
+            row.update(error=_first_line(error))
             traceback.print_exc()
+        self._record(row)
+
+    def failed(self, workload: str, system: str, error: Exception) -> None:
+        """Record a system whose engine did not start."""
+        traceback.print_exc()
+        self._record({"workload": workload, "system": system, "error": f"engine: {_first_line(error)}"})
+
+    def _record(self, row: dict) -> None:
+        # written at once: a run cut off by a time limit keeps every row it reached
         self.rows.append(row)
-        rate = f"{row['rate']:.1f} {unit}/s ({row['seconds']:.2f} s)" if "rate" in row else row["error"]
-        print(f"[bench] {workload:<8} {system:<22} {rate}", flush=True)
+        shown = (f"{row['rate']:.1f} {row['unit']}/s ({row['seconds']:.2f} s)" if "rate" in row
+                 else row["error"])
+        print(f"[bench] {row['workload']:<8} {row['system']:<22} {shown}", flush=True)
         self.write()
 
     def rate(self, workload: str, system: str) -> float | None:
@@ -418,8 +433,7 @@ def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts
             model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, tensor_parallel_size=2,
                                             **engine, **(sizes if graphs else {}))
         except Exception as error:
-            bench.rows.append({"workload": "steer", "system": system, "error": f"engine: {error}"})
-            traceback.print_exc()
+            bench.failed("steer", system, error)
             continue
         bench.time("steer", system, lambda: dsl_steer(model, prompts, layer, vector, n_tokens),
                    lambda: dsl_steer(model, few, layer, vector, 8), generated, "tok")
@@ -435,8 +449,7 @@ def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts
         _shutdown_llm(llm)
         del llm
     except Exception as error:
-        bench.rows.append({"workload": "steer", "system": "vllm-graphs-tp2", "error": f"engine: {error}"})
-        traceback.print_exc()
+        bench.failed("steer", "vllm-graphs-tp2", error)
     _free()
 
 
@@ -544,8 +557,7 @@ def main() -> None:
         try:
             model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, **engine, **graph_sizes(graphs))
         except Exception as error:
-            bench.rows.append({"workload": "all", "system": systems[0], "error": f"engine: {error}"})
-            traceback.print_exc()
+            bench.failed("all", systems[0], error)
             return
         print(f"[bench] nnterp vllm{suffix} engine up in {time.perf_counter() - start:.0f} s", flush=True)
         nn = model._backend.model
@@ -577,8 +589,7 @@ def main() -> None:
         try:
             llm = LLM(str(path), **kwargs)
         except Exception as error:
-            bench.rows.append({"workload": "all", "system": system, "error": f"engine: {error}"})
-            traceback.print_exc()
+            bench.failed("all", system, error)
             return
         print(f"[bench] {system} engine up in {time.perf_counter() - start:.0f} s", flush=True)
         workloads(system, lambda p, n: vllm_generate(llm, p, n), lambda p: vllm_generate(llm, p, 1),
