@@ -1,4 +1,4 @@
-"""`Graph`: an ordered, immutable sequence of nodes, built with ``>>`` or ``Graph([...])``.
+"""`Node`, the base of every DSL node, and `Graph`, an immutable sequence of nodes.
 
 A graph is a flat tuple. ``>>`` concatenates (a node counts as a one-node graph), so it
 is associative and ``(a >> b) >> c == a >> (b >> c) == Graph([a, b, c])``; nesting
@@ -6,20 +6,81 @@ graphs never creates structure. Order matters only where nodes share a site: the
 act in graph order. Across sites, data flows in model order whatever the graph order
 (see SPEC.md, "Semantics").
 
-Serialization lives in `nnterp.dsl.serialize`; the methods here (`to_json`,
-`from_json`, `digest`) import it when called, so this module never imports json.
-This module never imports nnsight, vllm, transformers, json or the backends.
+`Node` lives here, next to `Graph`, because ``a >> b`` builds a graph: the concrete
+nodes (`nnterp.dsl.nodes`) import this module and nothing here imports them back. Each
+concrete class declares its JSON ``"op"`` as ``tag``; defining the class enters it in
+`Node.ops`, the table the JSON codec (`nnterp.dsl.codec`) writes and reads nodes by.
+The package ``nnterp.dsl`` imports `nnterp.dsl.nodes`, so the table is complete before
+any graph can be read.
+
+This module never imports json (the codec does), nnsight, vllm, transformers or the
+backends.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NoReturn, overload
+import hashlib
+from types import MappingProxyType
+from typing import Any, ClassVar, Iterator, Mapping, NoReturn, overload
 
 import attrs
 
-from nnterp.dsl.nodes import Node
+from nnterp.dsl.codec import decode, encode
+from nnterp.dsl.fields import code_repr
 
-__all__ = ["Graph", "as_graph"]
+__all__ = ["Node", "Graph", "as_graph"]
+
+_OPS: dict[str, type["Node"]] = {}
+
+
+@attrs.frozen(repr=False)
+class Node:
+    """Base of every DSL node: a frozen value that composes with ``>>``.
+
+    ``a >> b`` is ``Graph([a, b])``. Subclasses set `output_name` when they produce a
+    named result, and built-in ones declare their JSON ``tag``.
+
+    Example:
+        >>> from nnterp.dsl import Lens, Read
+        >>> Read("logits") >> Lens()
+        Graph([Read('logits'), Lens()])
+        >>> Node.ops["lens"] is Lens, Lens.tag
+        (True, 'lens')
+    """
+
+    #: The class's JSON ``"op"`` (its snake_case name). Only a class that declares its
+    #: own has a JSON form: a subclass without one (a user's node) does not serialize.
+    tag: ClassVar[str | None] = None
+    #: tag -> node class, in the order the classes were defined.
+    ops: ClassVar[Mapping[str, type["Node"]]] = MappingProxyType(_OPS)
+
+    @classmethod
+    def __attrs_init_subclass__(cls) -> None:
+        # Called with the final class: attrs re-creates slotted classes after the body.
+        tag = cls.__dict__.get("tag")
+        if tag is None:
+            return
+        if tag in _OPS:
+            raise TypeError(
+                f"{cls.__name__}.tag {tag!r} is already the tag of {_OPS[tag].__name__}; "
+                "each node class needs its own"
+            )
+        _OPS[tag] = cls
+
+    @property
+    def output_name(self) -> str | None:
+        """The key of this node's result in ``run(...)[key]``, or None if it has none."""
+        return None
+
+    def __rshift__(self, other: Any) -> "Graph":
+        return Graph([self]) >> other
+
+    def __rrshift__(self, other: Any) -> NoReturn:
+        # Reached only when the left operand is neither a node nor a graph.
+        Graph._refuse(other, "left")
+
+    def __repr__(self) -> str:
+        return code_repr(self)
 
 
 def _flatten(nodes: Any) -> tuple[Node, ...]:
@@ -126,23 +187,21 @@ class Graph:
         return f"Graph([{', '.join(repr(n) for n in self.nodes)}])"
 
     def to_json(self) -> str:
-        """The canonical JSON text of this graph (see `nnterp.dsl.serialize`)."""
-        from nnterp.dsl import serialize
+        """The canonical JSON text of this graph (see `nnterp.dsl.serialize`).
 
-        return serialize.to_json(self)
+        Raises:
+            TypeError: a node's class has no JSON ``tag``.
+        """
+        return encode(self.nodes, Node.ops)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Graph":
         """Read a graph from JSON text; raises `GraphFormatError` for anything else."""
-        from nnterp.dsl import serialize
-
-        return serialize.from_json(text)
+        return cls(decode(text, Node.ops))
 
     def digest(self) -> str:
         """The sha256 hex digest of the canonical JSON: equal graphs, equal digests."""
-        from nnterp.dsl import serialize
-
-        return serialize.digest(self)
+        return hashlib.sha256(self.to_json().encode("ascii")).hexdigest()
 
 
 def as_graph(value: Any) -> Graph:

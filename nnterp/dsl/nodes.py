@@ -4,16 +4,19 @@ A node is data. It names a site, positions and arguments, and says nothing about
 will run: lowering rules registered by the backends turn nodes into nnsight code, and
 validation rules check them against a model. Nodes therefore import neither of those.
 
-Every node is a frozen attrs class built through its ``__init__``: converters normalise
-what users pass (``"layers[5].output"`` -> `Site`, a list -> a tuple, a tensor -> a
-`TensorValue`, ``scale=2`` -> ``2.0``), then validators check local facts (types, signs,
-tensor rank). Two consequences follow. Equal arguments give equal, equally hashed nodes,
-whichever form they were passed in. And there is no way to hold an ill-formed node: JSON
-loading and ``attrs.evolve`` go through the same ``__init__``. Facts that depend on a
-model (layer in range, vector width, backend support) are checked by ``validate``.
+Every node is a frozen attrs class built through its ``__init__``. One converter per
+field (below) normalises what users pass (``"layers[5].output"`` -> `Site`, a list -> a
+tuple, a tensor -> a `TensorValue`, ``scale=2`` -> ``2.0``) and checks local facts
+(types, signs); ``__attrs_post_init__`` checks rules between fields. Two consequences
+follow. Equal arguments give equal, equally hashed nodes, whichever form they were
+passed in. And there is no way to hold an ill-formed node: ``attrs.evolve`` and the
+JSON loader go through the same converters and ``__init__`` (see `nnterp.dsl.fields`
+for how one converter serves both). Facts that depend on a model (layer in range,
+vector width, backend support) are checked by ``validate``.
 
 The leading required fields are positional (``Read(site)``, ``Steer(layer, vector)``);
-the rest are keyword-only, and keyword names equal the JSON keys.
+the rest are keyword-only, and keyword names equal the JSON keys. Each class declares
+its JSON ``tag``, which enters it in `Node.ops`.
 
 This module never imports nnsight, vllm, transformers, json or the backends.
 """
@@ -21,11 +24,24 @@ This module never imports nnsight, vllm, transformers, json or the backends.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import attrs
 
+from nnterp.dsl.fields import (
+    FieldError,
+    Issue,
+    code_repr,
+    field,
+    foreign,
+    invalid,
+    optional,
+    to_int,
+    to_ints,
+    wrong_type,
+    wrong_value,
+)
+from nnterp.dsl.graph import Node
 from nnterp.dsl.sites import Site
 from nnterp.dsl.values import TensorValue
 
@@ -43,99 +59,36 @@ __all__ = [
 ]
 
 Positions = Union[int, tuple, None]
+IntsOrAll = Union[int, tuple, str]
+
+# -- field converters ------------------------------------------------------------------
+# One per kind of field, shared by the constructors and the JSON loader (see
+# nnterp.dsl.fields). A rule reads after the field's name: "positions[0] must be ...".
 
 
-# -- conversion helpers ----------------------------------------------------------------
-# Each converter receives the half-built instance and the field, so its error can name
-# both: "Steer(vector=...): ...". They raise TypeError for a wrong type and ValueError
-# for a right type with a wrong value, like attrs' own validators.
-
-
-def _where(self: Any, field: attrs.Attribute) -> str:
-    return f"{type(self).__name__}({field.name}=...)"
-
-
-def _show(value: Any) -> str:
-    """A short description of a received value for error messages (never a tensor dump)."""
-    text = repr(value) if not isinstance(value, (list, tuple)) or len(value) < 8 else (
-        f"{type(value).__name__} of {len(value)} items"
-    )
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _as_int(value: Any) -> int:
-    """``value`` as an int, accepting integer-like scalars (numpy, 0-d tensors) but
-    never bools or floats: ``True`` as a layer index or ``2.0`` as a position is a bug
-    in the caller, not a request."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise TypeError
-    return operator.index(value)
-
-
-def _int_tuple(value: Any, where: str, what: str, minimum: int | None = None) -> tuple[int, ...]:
-    items = tuple(value)
-    if not items:
-        raise ValueError(f"{where}: {what} is empty; pass at least one index")
-    out = []
-    for i, item in enumerate(items):
-        try:
-            number = _as_int(item)
-        except TypeError:
-            raise TypeError(f"{where}: {what}[{i}] must be an int, got {_show(item)}") from None
-        if minimum is not None and number < minimum:
-            raise ValueError(f"{where}: {what}[{i}] must be >= {minimum}, got {number}")
-        out.append(number)
-    return tuple(out)
-
-
-def _site(value: Any, self: Any, field: attrs.Attribute) -> Site:
+def _site(value: Any) -> Site:
+    if not isinstance(value, (str, Site)):
+        raise wrong_type("must be a string such as 'layers[5].output'", value)
     try:
         return Site.coerce(value)
-    except TypeError as err:
-        raise TypeError(f"{_where(self, field)}: {err}") from err
-    except ValueError as err:
-        raise ValueError(f"{_where(self, field)}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise foreign(err) from None
 
 
-def _optional_site(value: Any, self: Any, field: attrs.Attribute) -> Site | None:
-    return None if value is None else _site(value, self, field)
+def _layer(value: Any) -> int:
+    return to_int(value, rule="must be an integer (a layer index)")
 
 
-def _layer(value: Any, self: Any, field: attrs.Attribute) -> int:
-    try:
-        return _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{_where(self, field)}: {field.name} must be an int layer index "
-            f"(negative counts from the end), got {_show(value)}"
-        ) from None
+def _position(value: Any) -> int:
+    return to_int(value, rule="must be an integer (one token position)")
 
 
-def _positions(value: Any, self: Any, field: attrs.Attribute) -> Positions:
-    where = _where(self, field)
+def _positions(value: Any) -> Positions:
     if value is None:
         return None
     if isinstance(value, (list, tuple, range)):
-        return _int_tuple(value, where, field.name)
-    try:
-        return _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{where}: {field.name} must be an int, a list of ints or None (every "
-            f"position), got {_show(value)}"
-        ) from None
-
-
-def _position(value: Any, self: Any, field: attrs.Attribute) -> int:
-    try:
-        return _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{_where(self, field)}: {field.name} must be one int position "
-            f"(negative counts from the end), got {_show(value)}"
-        ) from None
+        return to_ints(value)
+    return to_int(value, rule="must be an integer, a list of integers or None (every position)")
 
 
 def _is_all(value: Any) -> bool:
@@ -143,177 +96,80 @@ def _is_all(value: Any) -> bool:
     return value is all or (isinstance(value, str) and value == "all")
 
 
-def _steps(value: Any, self: Any, field: attrs.Attribute) -> int | tuple[int, ...] | str:
-    where = _where(self, field)
+def _steps(value: Any) -> IntsOrAll:
     if _is_all(value):
         return "all"
     if isinstance(value, (list, tuple, range)):
-        return _int_tuple(value, where, field.name, minimum=0)
-    try:
-        number = _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{where}: steps must be 0 (the prompt pass), a generation step, a list of "
-            f"steps or 'all', got {_show(value)}"
-        ) from None
-    if number < 0:
-        raise ValueError(f"{where}: steps must be >= 0 (0 is the prompt pass), got {number}")
-    return number
+        return to_ints(value, minimum=0)
+    rule = 'must be 0 (the prompt pass), a generation step, a list of steps or "all"'
+    return to_int(value, 0, rule)
 
 
-def _layers(value: Any, self: Any, field: attrs.Attribute) -> int | tuple[int, ...] | str:
-    where = _where(self, field)
+def _layers(value: Any) -> IntsOrAll:
     if _is_all(value):
         return "all"
     if isinstance(value, (list, tuple, range)):
-        return _int_tuple(value, where, field.name)
-    try:
-        return _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{where}: layers must be all (or 'all'), an int, a list of ints or a range, "
-            f"got {_show(value)}"
-        ) from None
+        return to_ints(value)
+    rule = 'must be "all" (or the builtin all), an integer, a list of integers or a range'
+    return to_int(value, rule=rule)
 
 
-def _name(value: Any, self: Any, field: attrs.Attribute) -> str | None:
-    if value is None and field.default is None:
-        return None
+def _text(value: Any) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{_where(self, field)}: name must be a str, got {_show(value)}")
+        raise wrong_type("must be a string", value)
     if not value:
-        raise ValueError(f"{_where(self, field)}: name must not be empty")
+        raise wrong_value("must not be empty", value)
     return value
 
 
-def _tensor(value: Any, self: Any, field: attrs.Attribute) -> TensorValue | None:
-    if value is None and field.default is None:
-        return None
-    where = _where(self, field)
-    try:
-        tensor = TensorValue.coerce(value)
-    except TypeError as err:
-        raise TypeError(f"{where}: {err}") from err
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    if not tensor.is_floating_point:
-        raise TypeError(
-            f"{where}: {field.name} has dtype {tensor.dtype}, but it is added to or "
-            "replaces activations, which are floating point; pass e.g. tensor.float()"
-        )
-    return tensor
+def _target(value: Any) -> int | str:
+    if isinstance(value, str):
+        return value
+    return to_int(value, 0, "must be a token id (an integer) or a string")
 
 
-def _scale(value: Any, self: Any, field: attrs.Attribute) -> float:
-    where = _where(self, field)
+def _top_k(value: Any) -> int | None:
+    return None if value is None else to_int(value, 1, "must be a positive integer or None")
+
+
+def _scale(value: Any) -> float:
     # Plain numbers, numpy scalars and 0-d tensors have __float__; bools and strings
     # are refused rather than read as 1.0 or parsed.
     if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
-        raise TypeError(f"{where}: scale must be a number, got {_show(value)}")
+        raise wrong_type("must be a number", value)
     try:
         number = float(value)
     except OverflowError:
-        raise ValueError(f"{where}: scale {value} is too large for a float") from None
+        number = math.inf
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{where}: scale must be a number, got {_show(value)}") from None
+        raise wrong_type("must be a number", value) from None
     if not math.isfinite(number):
-        raise ValueError(f"{where}: scale must be finite, got {number}")
+        raise wrong_value("must be finite", value)
     # + 0.0 turns -0.0 into 0.0, so equal nodes also have equal JSON and digests.
     return number + 0.0
 
 
-def _top_k(value: Any, self: Any, field: attrs.Attribute) -> int | None:
-    if value is None:
-        return None
+def _float_tensor(value: Any) -> TensorValue:
     try:
-        number = _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{_where(self, field)}: top_k must be a positive int or None, got {_show(value)}"
-        ) from None
-    if number < 1:
-        raise ValueError(f"{_where(self, field)}: top_k must be >= 1, got {number}")
-    return number
+        tensor = TensorValue.coerce(value)
+    except (TypeError, ValueError) as err:
+        raise foreign(err) from None
+    if not tensor.is_floating_point:
+        message = (
+            f"activations are floating point, and this tensor is added to or replaces "
+            f"them, but its dtype is {tensor.dtype}; pass e.g. tensor.float()"
+        )
+        raise FieldError.of([Issue(message)])
+    return tensor
 
 
-def _target(value: Any, self: Any, field: attrs.Attribute) -> int | str:
-    if isinstance(value, str):
-        return value
-    try:
-        number = _as_int(value)
-    except TypeError:
-        raise TypeError(
-            f"{_where(self, field)}: target must be a token id (int) or a string, "
-            f"got {_show(value)}"
-        ) from None
-    if number < 0:
-        raise ValueError(f"{_where(self, field)}: target token id must be >= 0, got {number}")
-    return number
-
-
-def _prompt(value: Any, self: Any, field: attrs.Attribute) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{_where(self, field)}: prompt must be a str, got {_show(value)}")
-    if not value:
-        raise ValueError(f"{_where(self, field)}: prompt must not be empty")
-    return value
-
-
-def _source(value: Any, self: Any, field: attrs.Attribute) -> "Source | None":
+def _source(value: Any) -> "Source | None":
     if value is None or isinstance(value, Source):
         return value
-    raise TypeError(
-        f"{_where(self, field)}: source must be a Source, got {_show(value)}; "
-        "write source=Source('the other prompt')"
-    )
-
-
-def _converter(function: Any) -> attrs.Converter:
-    return attrs.Converter(function, takes_self=True, takes_field=True)
-
-
-def _code_repr(obj: Any) -> str:
-    """``ClassName(positional, keyword=value)``, showing keywords only when they differ
-    from their default, so the repr reads like the shortest code that builds ``obj``."""
-    parts = []
-    for field in attrs.fields(type(obj)):
-        value = getattr(obj, field.name)
-        shown = repr(str(value)) if isinstance(value, Site) else repr(value)
-        if not field.kw_only:
-            parts.append(shown)
-        elif value != field.default:
-            parts.append(f"{field.name}={shown}")
-    return f"{type(obj).__name__}({', '.join(parts)})"
+    raise wrong_type("must be a Source, e.g. Source('the other prompt')", value)
 
 
 # -- nodes -----------------------------------------------------------------------------
-
-
-@attrs.frozen(repr=False)
-class Node:
-    """Base of every DSL node: a frozen value that composes with ``>>``.
-
-    ``a >> b`` is ``Graph([a, b])``; see `nnterp.dsl.Graph`. Subclasses set
-    `output_name` when they produce a named result.
-    """
-
-    @property
-    def output_name(self) -> str | None:
-        """The key of this node's result in ``run(...)[key]``, or None if it has none."""
-        return None
-
-    def __rshift__(self, other: Any) -> Any:
-        from nnterp.dsl.graph import Graph
-
-        return Graph([self]) >> other
-
-    def __rrshift__(self, other: Any) -> Any:
-        from nnterp.dsl.graph import Graph
-
-        return Graph._refuse(other, "left")
-
-    def __repr__(self) -> str:
-        return _code_repr(self)
 
 
 @attrs.frozen(repr=False)
@@ -334,12 +190,11 @@ class Read(Node):
         Read('logits', name='final')
     """
 
-    site: Site = attrs.field(converter=_converter(_site))
-    positions: Positions = attrs.field(default=-1, kw_only=True, converter=_converter(_positions))
-    steps: int | tuple[int, ...] | str = attrs.field(
-        default=0, kw_only=True, converter=_converter(_steps)
-    )
-    name: str | None = attrs.field(default=None, kw_only=True, converter=_converter(_name))
+    tag: ClassVar[str] = "read"
+    site: Site = field(_site)
+    positions: Positions = field(_positions, default=-1)
+    steps: IntsOrAll = field(_steps, default=0)
+    name: str | None = field(optional(_text), default=None)
 
     @property
     def output_name(self) -> str:
@@ -355,8 +210,9 @@ class Zero(Node):
         Zero('mlps[3].output', positions=(2, 3))
     """
 
-    site: Site = attrs.field(converter=_converter(_site))
-    positions: Positions = attrs.field(default=None, kw_only=True, converter=_converter(_positions))
+    tag: ClassVar[str] = "zero"
+    site: Site = field(_site)
+    positions: Positions = field(_positions, default=None)
 
 
 @attrs.frozen(repr=False)
@@ -373,14 +229,12 @@ class Source:
         Source('The capital of France is')
     """
 
-    prompt: str = attrs.field(converter=_converter(_prompt))
-    site: Site | None = attrs.field(
-        default=None, kw_only=True, converter=_converter(_optional_site)
-    )
-    position: int = attrs.field(default=-1, kw_only=True, converter=_converter(_position))
+    prompt: str = field(_text)
+    site: Site | None = field(optional(_site), default=None)
+    position: int = field(_position, default=-1)
 
     def __repr__(self) -> str:
-        return _code_repr(self)
+        return code_repr(self)
 
 
 @attrs.frozen(repr=False)
@@ -404,24 +258,28 @@ class Patch(Node):
         Patch('layers[2].output', source=Source('Paris is in'), positions=(-1,))
     """
 
-    site: Site = attrs.field(converter=_converter(_site))
-    value: TensorValue | None = attrs.field(
-        default=None, kw_only=True, converter=_converter(_tensor)
+    tag: ClassVar[str] = "patch"
+    site: Site = field(_site)
+    value: TensorValue | None = field(
+        optional(_float_tensor), default=None, json_object=TensorValue
     )
-    source: Source | None = attrs.field(default=None, kw_only=True, converter=_converter(_source))
-    positions: Positions = attrs.field(default=-1, kw_only=True, converter=_converter(_positions))
+    source: Source | None = field(_source, default=None, json_object=Source)
+    positions: Positions = field(_positions, default=-1)
 
     def __attrs_post_init__(self) -> None:
         if (self.value is None) == (self.source is None):
             given = "both" if self.value is not None else "neither"
-            raise ValueError(
-                f"Patch(value=..., source=...): pass exactly one of value (a tensor) and "
-                f"source (a Source), got {given}"
+            raise invalid(
+                self,
+                ["value", "source"],
+                f"pass exactly one of value (a tensor) and source (a Source), got {given}",
             )
         if self.value is not None and self.value.ndim == 0:
-            raise ValueError(
-                "Patch(value=...): value is 0-d, but its last dimension must be the "
-                "site's width; pass a vector (or [positions, width] tensor)"
+            raise invalid(
+                self,
+                ["value"],
+                "value is 0-d, but its last dimension must be the site's width; pass a "
+                "vector (or [positions, width] tensor)",
             )
 
 
@@ -451,16 +309,19 @@ class Steer(Node):
         576.0
     """
 
-    layer: int = attrs.field(converter=_converter(_layer))
-    vector: TensorValue = attrs.field(converter=_converter(_tensor))
-    scale: float = attrs.field(default=1.0, kw_only=True, converter=_converter(_scale))
-    positions: Positions = attrs.field(default=None, kw_only=True, converter=_converter(_positions))
+    tag: ClassVar[str] = "steer"
+    layer: int = field(_layer)
+    vector: TensorValue = field(_float_tensor, json_object=TensorValue)
+    scale: float = field(_scale, default=1.0)
+    positions: Positions = field(_positions, default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.vector.ndim != 1:
-            raise ValueError(
-                f"Steer(vector=...): vector must be 1-D (hidden size), got shape "
-                f"{list(self.vector.shape)}; pass e.g. vector.reshape(-1) or one row"
+            raise invalid(
+                self,
+                ["vector"],
+                f"vector must be 1-D (hidden size), got shape {list(self.vector.shape)}; "
+                "pass e.g. vector.reshape(-1) or one row",
             )
 
 
@@ -485,15 +346,12 @@ class Lens(Node):
         True
     """
 
-    layers: int | tuple[int, ...] | str = attrs.field(
-        default="all", kw_only=True, converter=_converter(_layers)
-    )
-    positions: Positions = attrs.field(default=-1, kw_only=True, converter=_converter(_positions))
-    steps: int | tuple[int, ...] | str = attrs.field(
-        default=0, kw_only=True, converter=_converter(_steps)
-    )
-    top_k: int | None = attrs.field(default=None, kw_only=True, converter=_converter(_top_k))
-    name: str = attrs.field(default="lens", kw_only=True, converter=_converter(_name))
+    tag: ClassVar[str] = "lens"
+    layers: IntsOrAll = field(_layers, default="all")
+    positions: Positions = field(_positions, default=-1)
+    steps: IntsOrAll = field(_steps, default=0)
+    top_k: int | None = field(_top_k, default=None)
+    name: str = field(_text, default="lens")
 
     @property
     def output_name(self) -> str:
@@ -515,10 +373,11 @@ class Grad(Node):
         'grad:layers[3].output'
     """
 
-    site: Site = attrs.field(converter=_converter(_site))
-    target: int | str = attrs.field(converter=_converter(_target))
-    positions: Positions = attrs.field(default=-1, kw_only=True, converter=_converter(_positions))
-    name: str | None = attrs.field(default=None, kw_only=True, converter=_converter(_name))
+    tag: ClassVar[str] = "grad"
+    site: Site = field(_site)
+    target: int | str = field(_target)
+    positions: Positions = field(_positions, default=-1)
+    name: str | None = field(optional(_text), default=None)
 
     @property
     def output_name(self) -> str:
@@ -534,8 +393,9 @@ class AttentionProbs(Node):
         'attention_probs[-1]'
     """
 
-    layer: int = attrs.field(converter=_converter(_layer))
-    name: str | None = attrs.field(default=None, kw_only=True, converter=_converter(_name))
+    tag: ClassVar[str] = "attention_probs"
+    layer: int = field(_layer)
+    name: str | None = field(optional(_text), default=None)
 
     @property
     def output_name(self) -> str:

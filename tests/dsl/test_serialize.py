@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 
+import attrs
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -152,8 +153,6 @@ def test_save_and_load(tmp_path):
 
 
 def test_only_built_in_nodes_serialize():
-    import attrs
-
     from nnterp.dsl.nodes import Node
 
     @attrs.frozen
@@ -360,11 +359,17 @@ def test_long_problem_lists_are_shortened_in_the_message():
 
 # -- property tests --------------------------------------------------------------------
 
-FUZZ = settings(deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+# Example counts come from the active hypothesis profile (tests/conftest.py): the
+# loader's fuzzers, its main guard, run twice the profile's count; the others run it.
+FUZZ = settings(
+    deadline=None,
+    max_examples=2 * settings.default.max_examples,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 KEYS = sorted(
-    {"op", "nnterp_dsl", "graph", "dtype", "shape", "data", "prompt", "position"}
-    | {f for fields in serialize._FIELDS.values() for f in fields}
+    {"op", "nnterp_dsl", "graph", "dtype", "shape", "data"}
+    | {f.name for cls in (*serialize.OPS.values(), Source) for f in attrs.fields(cls)}
 )
 scalars = st.one_of(
     st.none(),
@@ -434,7 +439,7 @@ def _outcome(text):
     return graph
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None)
 @given(data=st.data())
 def test_random_graphs_round_trip(graph_strategy, data):
     g = data.draw(graph_strategy)
@@ -485,7 +490,7 @@ def test_random_json_values(value):
     _outcome(json.dumps({"nnterp_dsl": 1, "graph": [{"op": "patch", "site": "logits", "value": value}]}))
 
 
-@settings(deadline=None, max_examples=500)
+@settings(deadline=None)
 @given(text=st.one_of(st.text(), st.binary()))
 def test_arbitrary_text_and_bytes(text):
     _outcome(text)
