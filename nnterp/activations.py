@@ -15,15 +15,12 @@ import torch
 
 from nnterp.dsl import Graph, Read, Sampling, run
 
+from nnterp.sites import SiteKind
+
 __all__ = ["get_token_activations", "collect_token_activations_batched", "SITES"]
 
-#: accessor name -> site template
-SITES = {
-    "layers_output": "layers[{}].output",
-    "layers_input": "layers[{}].input",
-    "attentions_output": "attentions[{}].output",
-    "mlps_output": "mlps[{}].output",
-}
+#: The sites collected per layer, by accessor name (``"layers_output"``...).
+SITES = {kind.value: kind for kind in SiteKind if kind.per_layer and kind.in_dsl}
 
 
 def _graph(model: Any, layers: Any, positions: Any, site: str) -> tuple[Graph, list[int]]:
@@ -33,7 +30,7 @@ def _graph(model: Any, layers: Any, positions: Any, site: str) -> tuple[Graph, l
         raise ValueError("positions=None (every token) gives prompts different lengths; choose positions")
     chosen = list(range(model.num_layers)) if layers is None or layers is all or layers == "all" else (
         [layers] if isinstance(layers, int) else list(layers))
-    graph = Graph(tuple(Read(SITES[site].format(layer), positions=positions, name=f"layer{i}")
+    graph = Graph(tuple(Read(SITES[site].site(layer), positions=positions, name=f"layer{i}")
                         for i, layer in enumerate(chosen)))
     return graph, chosen
 

@@ -20,6 +20,8 @@ from typing import Iterable, Mapping
 
 import attrs
 
+from nnterp.sites import SiteKind
+
 __all__ = ["ModulePaths", "KNOWN_ARCHITECTURES", "paths_for", "resolve_path", "missing_paths", "mapping_error_message"]
 
 
@@ -46,6 +48,29 @@ class ModulePaths:
     lm_head: str
     #: the MLP module sees the tokens flattened to ``[batch * seq, hidden]`` (OPT)
     mlp_flattens_tokens: bool = attrs.field(default=False, kw_only=True)
+
+    def module_path(self, kind: SiteKind, layer: int | str | None = None) -> str:
+        """The dotted path of the module whose output (or input) is a site of ``kind``.
+
+        ``layer`` may be ``"*"``, which gives a pattern over every layer (nnsight's taps).
+        Attention probabilities are computed inside the attention module. Logits are the
+        whole model's output, so they have no module path of their own.
+
+        Example:
+            >>> from nnterp.sites import SiteKind
+            >>> KNOWN_ARCHITECTURES["gpt2"].module_path(SiteKind.MLPS_OUTPUT, 3)
+            'transformer.h.3.mlp'
+        """
+        if kind is SiteKind.EMBEDDINGS_OUTPUT:
+            return self.embeddings
+        if kind is SiteKind.LOGITS:
+            raise ValueError("logits are the model's own output; they have no module path")
+        block = f"{self.layers}.{layer}"
+        if kind in (SiteKind.ATTENTIONS_OUTPUT, SiteKind.ATTENTION_PROBABILITIES):
+            return f"{block}.{self.attention}"
+        if kind is SiteKind.MLPS_OUTPUT:
+            return f"{block}.{self.mlp}"
+        return block
 
 
 _LLAMA_LIKE = ModulePaths(

@@ -10,7 +10,9 @@ A negative layer counts from the end. It stays negative in the node, because a n
 knows nothing about models; `Site.resolve` turns it into an absolute index once the
 number of layers is known.
 
-This module imports attrs only: never torch, nnsight, vllm, transformers or json.
+The vocabulary itself (which modules and sides exist) is `nnterp.sites.SiteKind`; this
+module adds the string syntax. It imports attrs and that vocabulary only: never torch,
+nnsight, vllm, transformers or json.
 """
 
 from __future__ import annotations
@@ -21,32 +23,26 @@ from typing import Any
 
 import attrs
 
+from nnterp.sites import SiteKind
+
 __all__ = ["Site", "SITE_FORMS"]
 
-#: module -> sides it has, for modules indexed by layer.
+_DSL_KINDS = [kind for kind in SiteKind if kind.in_dsl]
+#: module -> its sides ("input" before "output"), for modules indexed by layer.
 _LAYERED: dict[str, tuple[str, ...]] = {
-    "layers": ("input", "output"),
-    "attentions": ("output",),
-    "mlps": ("output",),
+    module: tuple(sorted(k.side for k in _DSL_KINDS if k.module == module))
+    for module in dict.fromkeys(k.module for k in _DSL_KINDS if k.per_layer)
 }
-#: module -> sides it has, for modules that exist once per model (None: no side).
+#: module -> its sides (None: no side), for modules that exist once per model.
 _SINGLE: dict[str, tuple[str | None, ...]] = {
-    "embeddings": ("output",),
-    "logits": (None,),
+    k.module: (k.side,) for k in _DSL_KINDS if not k.per_layer
 }
 
 #: The valid site forms, as shown in error messages.
-SITE_FORMS = (
-    "layers[i].output",
-    "layers[i].input",
-    "attentions[i].output",
-    "mlps[i].output",
-    "embeddings.output",
-    "logits",
-)
+SITE_FORMS = tuple(k.site("i") for k in sorted(_DSL_KINDS, key=lambda k: not k.per_layer))
 
 # ASCII digits only: int() also accepts other scripts' digits, which are not site syntax.
-_LAYERED_RE = re.compile(r"(layers|attentions|mlps)\[(-?[0-9]+)\]\.(input|output)")
+_LAYERED_RE = re.compile(rf"({'|'.join(_LAYERED)})\[(-?[0-9]+)\]\.(input|output)")
 _NUMBER_RE = re.compile(r"-?[0-9]+")
 #: Longest layer index accepted, in digits: more is certainly a mistake, and capping it
 #: keeps int() away from its very slow (and, past 4300 digits, refused) conversions.
@@ -182,6 +178,11 @@ class Site:
         return cls.parse(value)
 
     @property
+    def kind(self) -> SiteKind:
+        """The `nnterp.sites.SiteKind` this site is an instance of."""
+        return SiteKind.for_site(self.module, self.side)
+
+    @property
     def per_layer(self) -> bool:
         """Whether the site has a layer index (every module but embeddings and logits)."""
         return self.layer is not None
@@ -189,13 +190,17 @@ class Site:
     @property
     def accessor(self) -> str:
         """The `StandardizedTransformer` accessor name: ``"layers_output"``, ``"logits"``..."""
-        return self.module if self.side is None else f"{self.module}_{self.side}"
+        return self.kind.value
 
     @property
     def width(self) -> str:
         """What the last dimension of this site's activation counts: ``"hidden_size"``
         for every site but ``logits``, which is ``"vocab_size"``."""
-        return "vocab_size" if self.module == "logits" else "hidden_size"
+        return self.kind.width
+
+    def order(self, num_layers: int) -> tuple[int, int]:
+        """Sort key of this (resolved) site in one forward pass; see `SiteKind.order`."""
+        return self.kind.order(self.layer, num_layers)
 
     def resolve(self, num_layers: int) -> "Site":
         """The same site with a non-negative layer index, for a model of ``num_layers``.
@@ -214,9 +219,7 @@ class Site:
         return attrs.evolve(self, layer=self.layer % num_layers)
 
     def __str__(self) -> str:
-        if self.module in _LAYERED:
-            return f"{self.module}[{self.layer}].{self.side}"
-        return self.module if self.side is None else f"{self.module}.{self.side}"
+        return self.kind.site(self.layer)
 
     def __repr__(self) -> str:
         return f"Site.parse({str(self)!r})"
