@@ -535,7 +535,7 @@ def main() -> None:
             return
         model = StandardizedTransformer(path, backend="hf", dtype=getattr(torch, dtype),
                                         device_map="cuda" if gpu else "cpu")
-        hf, nn = model._backend.model._module, model._backend.model
+        hf, nn = model.nnsight_model._module, model.nnsight_model
         if want("dsl-hf"):
             workloads("dsl-hf", lambda p, n: dsl_steer(model, p, mid, vector, n),
                       lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))
@@ -560,7 +560,7 @@ def main() -> None:
             bench.failed("all", systems[0], error)
             return
         print(f"[bench] nnterp vllm{suffix} engine up in {time.perf_counter() - start:.0f} s", flush=True)
-        nn = model._backend.model
+        nn = model.nnsight_model
         if want(systems[0]):
             workloads(systems[0], lambda p, n: dsl_steer(model, p, mid, vector, n),
                       lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))

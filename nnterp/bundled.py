@@ -17,11 +17,12 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from nnterp.errors import BundledModelError
+from nnterp.errors import BundledModelError, ModelNotFoundError
 
 __all__ = ["BUNDLED_NAME", "bundled_model_path", "resolve_model_name", "cache_dir"]
 
@@ -99,11 +100,38 @@ def bundled_model_path() -> Path:
     return target
 
 
+#: What a Hugging Face hub id looks like: "name" or "namespace/name".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
+
+
 def resolve_model_name(name_or_path: str | os.PathLike) -> str:
-    """Map the name ``"bundled"`` to its folder; return any other name unchanged."""
+    """Map the name ``"bundled"`` to its folder; return any other name unchanged.
+
+    Raises:
+        ModelNotFoundError: the name is no existing folder and cannot be a hub id
+            either (a path such as ``./models/x`` or ``/data/x`` that is not there).
+        BundledModelError: ``"bundled"`` is not installed.
+    """
     if isinstance(name_or_path, str) and name_or_path == BUNDLED_NAME:
         return str(bundled_model_path())
-    return os.fspath(name_or_path)
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if isinstance(name_or_path, os.PathLike) or not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        raise ModelNotFoundError(
+            f"no model folder at {name!r:.200} ({_nearest_existing(name)}), and it is not a "
+            "Hugging Face hub id ('name' or 'namespace/name'); check the path, or pass "
+            f"{BUNDLED_NAME!r} for the bundled model"
+        )
+    return name
+
+
+def _nearest_existing(path: str) -> str:
+    """Where a missing path stops existing, to point at the typo."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return f"the nearest existing folder is {parent!r}" if parent else "nothing on it exists"
 
 
 @contextlib.contextmanager

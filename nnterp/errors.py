@@ -12,7 +12,9 @@ __all__ = [
     "ArchitectureNotSupportedError",
     "BackendUnsupportedError",
     "BundledModelError",
+    "BackendOptionError",
     "PromptTooLongError",
+    "ModelNotFoundError",
     "ValidationError",
     "GraphFormatError",
 ]
@@ -45,6 +47,24 @@ class BundledModelError(NnterpError, RuntimeError):
 
 class PromptTooLongError(NnterpError, ValueError):
     """A prompt has more tokens than the engine or model accepts."""
+
+
+class ModelNotFoundError(NnterpError, OSError):
+    """A model name is neither an existing folder nor a Hugging Face hub id.
+
+    Raised before transformers or vLLM sees the name: for a missing folder they answer
+    that a repo id "must be in the form 'repo_name' or 'namespace/repo_name'", which
+    does not say that the folder is missing. An `OSError`, as a missing file is.
+    """
+
+
+class BackendOptionError(NnterpError, NotImplementedError, ValueError):
+    """A keyword argument the chosen backend does not take (``cuda_graphs`` on HF).
+
+    Both a `NotImplementedError` (the backend cannot do it: what SPEC.md promises for
+    vLLM's missing features) and a `ValueError` (a wrong argument for this backend).
+    The message says why and what to pass instead, from the backend's limits table.
+    """
 
 
 #: How many problems an error message lists before it says "... and N more"; the

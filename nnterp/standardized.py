@@ -20,15 +20,13 @@ from typing import Any
 
 import torch
 
-from nnterp.backends.base import Backend, SiteKind
+from nnterp.backends import Backend, open_backend
+from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, VLLM
 from nnterp.bundled import resolve_model_name
-from nnterp.errors import BackendUnsupportedError
 from nnterp.rename import ModulePaths
+from nnterp.sites import SiteKind
 
-__all__ = ["StandardizedTransformer", "BACKENDS"]
-
-#: Backend names accepted by ``StandardizedTransformer(backend=...)``.
-BACKENDS = ("hf", "vllm")
+__all__ = ["StandardizedTransformer"]
 
 
 class _LayerAccessor:
@@ -99,26 +97,9 @@ class StandardizedTransformer:
     ) -> None:
         backend = _choose_backend(backend, use_vllm)
         self.name_or_path = os.fspath(name_or_path)
-        path = resolve_model_name(name_or_path)
-        if backend == "hf":
-            from nnterp.backends.hf import HFBackend
-
-            for option in ("cuda_graphs", "tensor_parallel_size"):
-                if option in kwargs:
-                    raise ValueError(f"{option} is a vLLM engine option; load with backend='vllm' to use it")
-
-            self._backend: Backend = HFBackend(
-                path, paths=paths, enable_attention_probs=enable_attention_probs, **kwargs
-            )
-        else:
-            from nnterp.backends.vllm import VLLMBackend
-
-            if enable_attention_probs:
-                raise BackendUnsupportedError(
-                    "enable_attention_probs=True is not available on the vLLM backend: vLLM's fused "
-                    "attention never materialises probabilities. Use backend='hf' to read them."
-                )
-            self._backend = VLLMBackend(path, paths=paths, **kwargs)
+        self._backend: Backend = open_backend(
+            backend, resolve_model_name(name_or_path), paths=paths,
+            enable_attention_probs=enable_attention_probs, **kwargs)
         self.layers_input = _LayerAccessor(self, SiteKind.LAYERS_INPUT)
         self.layers_output = _LayerAccessor(self, SiteKind.LAYERS_OUTPUT)
         self.attentions_output = _LayerAccessor(self, SiteKind.ATTENTIONS_OUTPUT)
@@ -134,7 +115,13 @@ class StandardizedTransformer:
 
     @property
     def is_vllm(self) -> bool:
-        return self._backend.name == "vllm"
+        return self._backend.limits is VLLM
+
+    @property
+    def attention_probs_enabled(self) -> bool:
+        """Whether ``attention_probabilities[i]`` can be read (HF with
+        ``enable_attention_probs=True``)."""
+        return self._backend.attention_probs_enabled
 
     @property
     def config(self):
@@ -248,6 +235,15 @@ class StandardizedTransformer:
             *inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, **kwargs
         )
 
+    def execute(self, plan: Any, prompts: Any, sampling: Any) -> Any:
+        """Run a lowered ``nnterp.dsl`` plan on ``prompts``: what ``nnterp.dsl.run`` calls
+        after validating and lowering a graph (use ``run`` rather than this).
+
+        Returns:
+            An ``nnterp.dsl.plan.Execution``: recorded values and generated tokens.
+        """
+        return self._backend.execute(plan, prompts, sampling)
+
     def project_on_vocab(self, hidden: Any) -> Any:
         """Final norm and unembedding of a residual-stream tensor (logits over the vocab).
 
@@ -307,10 +303,10 @@ class StandardizedTransformer:
 
 def _choose_backend(backend: str | None, use_vllm: bool) -> str:
     if backend is None:
-        return "vllm" if use_vllm else "hf"
+        return VLLM.name if use_vllm else DEFAULT_BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if use_vllm and backend != "vllm":
+    if use_vllm and backend != VLLM.name:
         raise ValueError(f"use_vllm=True contradicts backend={backend!r}; pass only one of them")
     return backend
 

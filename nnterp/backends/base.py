@@ -2,52 +2,42 @@
 
 `StandardizedTransformer` is a facade; every difference between running on Hugging Face
 transformers and on vLLM lives in a `Backend` subclass. A backend owns its nnsight model
-and implements, for each standardized site, how to read it and how to write it inside a
-trace, plus how to start traces and generation and how to free its resources.
+and implements, for each kind of site (`nnterp.sites.SiteKind`), how to read it and how
+to write it inside a trace, how to start traces and generation, how to run a lowered
+DSL plan, and how to free its resources. What it cannot do is data, in its `limits`
+(`nnterp.backends.limits`), which validation and the facade read.
 
-Sites are named by `SiteKind` members, so a backend is a small table of read and write
-rules rather than a set of properties; the facade's accessors (`layers_output[i]`, ...)
-are thin views that call `read` and `write`.
+The DSL reaches a backend through one method: ``execute(plan, prompts, sampling) ->
+Execution``, whose argument and result types (`nnterp.dsl.plan`) are plain data that
+know nothing of backends.
 """
 
 from __future__ import annotations
 
-import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-__all__ = ["SiteKind", "Backend", "SAMPLING_KEYS"]
+from nnterp.backends.limits import BackendLimits
+from nnterp.sites import SiteKind
 
-#: Sampling settings both backends accept on ``trace``/``generate``; vLLM turns them
-#: into ``SamplingParams``, HF into ``generate`` arguments.
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
+if TYPE_CHECKING:
+    from nnterp.dsl.plan import Execution, Plan, Sampling
 
-
-class SiteKind(enum.Enum):
-    """A kind of standardized activation; per-layer kinds take a layer index."""
-
-    EMBEDDINGS_OUTPUT = "embeddings_output"
-    LAYERS_INPUT = "layers_input"
-    LAYERS_OUTPUT = "layers_output"
-    ATTENTIONS_OUTPUT = "attentions_output"
-    MLPS_OUTPUT = "mlps_output"
-    ATTENTION_PROBABILITIES = "attention_probabilities"
-    LOGITS = "logits"
-
-    @property
-    def per_layer(self) -> bool:
-        return self not in (SiteKind.EMBEDDINGS_OUTPUT, SiteKind.LOGITS)
+__all__ = ["Backend"]
 
 
 class Backend:
     """Interface every backend implements. See `nnterp.backends.hf` and `.vllm`."""
 
-    #: "hf" or "vllm"
-    name: str
+    #: what this backend cannot do, and its name (``limits.name``: "hf" or "vllm")
+    limits: BackendLimits
     #: the nnsight model (``TransformersModel`` or ``VLLM``)
     model: Any
-
     #: where the components live (`nnterp.rename.ModulePaths`)
     paths: Any
+
+    @property
+    def name(self) -> str:
+        return self.limits.name
 
     @property
     def config(self):
@@ -61,18 +51,16 @@ class Backend:
     def num_layers(self) -> int:
         raise NotImplementedError
 
+    @property
+    def attention_probs_enabled(self) -> bool:
+        """Whether attention probabilities can be read (HF: loaded with them)."""
+        return False
+
     def _module_envoy(self, kind: SiteKind, layer: int | None):
         """The nnsight envoy of the module whose output (or input) is the site."""
         from nnterp.rename import resolve_path
 
-        if kind is SiteKind.EMBEDDINGS_OUTPUT:
-            return resolve_path(self.model, self.paths.embeddings)
-        block = resolve_path(self.model, self.paths.layers)[layer]
-        if kind is SiteKind.ATTENTIONS_OUTPUT:
-            return resolve_path(block, self.paths.attention)
-        if kind is SiteKind.MLPS_OUTPUT:
-            return resolve_path(block, self.paths.mlp)
-        return block
+        return resolve_path(self.model, self.paths.module_path(kind, layer))
 
     def read(self, kind: SiteKind, layer: int | None) -> Any:
         """The activation at a site, inside a trace, in the standardized layout."""
@@ -91,6 +79,10 @@ class Backend:
         raise NotImplementedError
 
     def generate(self, *inputs: Any, **kwargs: Any):
+        raise NotImplementedError
+
+    def execute(self, plan: "Plan", prompts: Sequence[str], sampling: "Sampling") -> "Execution":
+        """Run a lowered DSL plan on every prompt: the one seam between DSL and backend."""
         raise NotImplementedError
 
     def project_on_vocab(self, hidden: Any) -> Any:

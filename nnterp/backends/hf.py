@@ -16,17 +16,23 @@ The operation's name is found at load time, not spelled per family.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from nnterp.backends.base import Backend, SiteKind
+from nnterp.backends.limits import HF as HF_LIMITS
+from nnterp.backends.base import Backend
+from nnterp.backends.interpret import generation_may_end_early, run_step
+from nnterp.dsl.plan import Execution, Plan, Sampling
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
+from nnterp.sites import SiteKind
 
 __all__ = ["HFBackend"]
 
 _PROBE_TEXT = "The quick brown fox"
+#: how this backend runs plans, as the run manifest records it
+_EXECUTOR = "hf/nnsight: one left-padded batch per run"
 
 
 class HFBackend(Backend):
@@ -41,7 +47,7 @@ class HFBackend(Backend):
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
 
-    name = "hf"
+    limits = HF_LIMITS
 
     def __init__(
         self,
@@ -86,6 +92,10 @@ class HFBackend(Backend):
     @property
     def num_layers(self) -> int:
         return len(self._torch_layers)
+
+    @property
+    def attention_probs_enabled(self) -> bool:
+        return self.enable_attention_probs
 
     # -- reading and writing ---------------------------------------------------------
 
@@ -193,6 +203,51 @@ class HFBackend(Backend):
         run_generation = type(self.model).generate.__wrapped__.__get__(self.model)
         return self.model.trace(*inputs, fn=run_generation, max_new_tokens=max_tokens, **sampling, **kwargs)
 
+    def execute(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
+        """Run a lowered plan: all prompts in one left-padded batch.
+
+        Generation goes through ``generate`` (one forward pass per step, stepped with
+        ``tracer.iter``); a plan with a gradient runs one forward pass with autograd on,
+        since ``generate`` runs without it, and takes the greedy next token.
+        """
+        prompts = list(prompts)
+        encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        pads = (encoded["attention_mask"] == 0).sum(dim=1).tolist()
+        rows = list(range(len(prompts)))
+        store: dict = {}
+        scratch: dict = {}
+        if plan.needs_grad:
+            with torch.enable_grad(), self.trace(prompts):
+                run_step(self, plan, 0, rows, pads, store, scratch)
+                next_ids = self.read(SiteKind.LOGITS, None)[:, -1].argmax(-1).save()
+            _wait_for_device()
+            return Execution(store, [[int(t)] for t in next_ids], _EXECUTOR)
+        steps = plan.max_step + 1
+        fed: list = []  # the token each forward pass after the first was fed: [rows] per step
+        result: list = []
+        with generation_may_end_early(), torch.no_grad(), self.generate(
+                prompts, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, seed=sampling.seed) as tracer:
+            for step in tracer.iter[:steps]:
+                if step > 0:  # read before the layers: it is this forward pass's input
+                    fed.append(self.model.inputs[1]["input_ids"][:, -1].cpu())
+                run_step(self, plan, step, rows, pads, store, scratch)
+            # Not reached when every prompt ends (end of sequence) before `steps` steps;
+            # the tokens fed to the later passes then tell what was generated.
+            result.append(tracer.result.save())
+        eos = self.tokenizer.eos_token_id
+        if result:
+            generated = result[0][:, encoded["input_ids"].shape[1]:].tolist()
+        else:
+            # generation stopped because every row had ended: the last token of a row
+            # that was still running is the end-of-sequence token
+            columns = [column.tolist() for column in fed]
+            generated = [[column[row] for column in columns] + [eos] for row in rows]
+        _wait_for_device()
+        # finished rows are padded with the pad (= eos) token; keep up to the first eos
+        tokens = [row[: row.index(eos) + 1] if eos in row else row for row in generated]
+        return Execution(store, tokens, _EXECUTOR)
+
     def project_on_vocab(self, hidden: Any) -> Any:
         # Direct module calls: inside a trace they run as ordinary torch code on the
         # live tensor, and do not count as a call of lm_head that nnsight would watch.
@@ -260,68 +315,7 @@ def _describe(value: Any) -> tuple:
     return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
 
 
-def execute_plan(plan: Any, backend: "HFBackend", prompts: list[str], sampling: Any) -> dict:
-    """Run a lowered plan on the HF backend: all prompts in one left-padded batch.
-
-    Generation goes through ``generate`` (one forward pass per step, stepped with
-    ``tracer.iter``); a plan with a gradient runs one forward pass with autograd on,
-    since ``generate`` runs without it, and takes the greedy next token.
-
-    Returns:
-        ``{"store": results by (name, step, prompt...), "tokens": [[ids] per prompt]}``.
-    """
-    from nnterp.backends.interpret import generation_may_end_early, run_step
-
-    encoded = backend.tokenizer(prompts, padding=True, return_tensors="pt")
-    pads = (encoded["attention_mask"] == 0).sum(dim=1).tolist()
-    rows = list(range(len(prompts)))
-    store: dict = {}
-    pending: dict = {}
-    if plan.needs_grad:
-        with torch.enable_grad(), backend.trace(prompts):
-            run_step(backend, plan, 0, rows, pads, store, pending)
-            next_ids = backend.read(SiteKind.LOGITS, None)[:, -1].argmax(-1).save()
-        _wait_for_device()
-        return {"store": store, "tokens": [[int(t)] for t in next_ids]}
-    steps = plan.max_step + 1
-    fed: list = []  # the token each forward pass after the first was fed: [rows] per step
-    result: list = []
-    with generation_may_end_early(), torch.no_grad(), backend.generate(
-            prompts, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=sampling.seed) as tracer:
-        for step in tracer.iter[:steps]:
-            if step > 0:  # read before the layers: it is this forward pass's input
-                fed.append(backend.model.inputs[1]["input_ids"][:, -1].cpu())
-            run_step(backend, plan, step, rows, pads, store, pending)
-        # Not reached when every prompt ends (end of sequence) before `steps` steps;
-        # the tokens fed to the later passes then tell what was generated.
-        result.append(tracer.result.save())
-    eos = backend.tokenizer.eos_token_id
-    if result:
-        generated = result[0][:, encoded["input_ids"].shape[1]:].tolist()
-    else:
-        # generation stopped because every row had ended: the last token of a row that
-        # was still running is the end-of-sequence token
-        columns = [column.tolist() for column in fed]
-        generated = [[column[row] for column in columns] + [eos] for row in rows]
-    _wait_for_device()
-    tokens = []
-    for row in generated:
-        # finished rows are padded with the pad (= eos) token; keep up to the first eos
-        tokens.append(row[: row.index(eos) + 1] if eos in row else row)
-    return {"store": store, "tokens": tokens}
-
-
 def _wait_for_device() -> None:
     # results are copied off the device without blocking (see interpret._keep)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _register() -> None:
-    from nnterp.dsl.lowering import register_executor
-
-    register_executor("hf", execute_plan)
-
-
-_register()

@@ -14,8 +14,9 @@ prompt, a forward pass holds one new token: position ``-1`` (or ``None``) is tha
 token, and a non-negative position names a prompt token that is not there, so the op
 skips that step.
 
-Results go into ``store`` under ``(name, step, row)`` keys (lens: plus the layer), as
-CPU tensors: the executor assembles them into the shapes ``run`` promises.
+Results go into ``store`` under `nnterp.dsl.plan.OutputKey` keys (name, step, prompt
+index, and the layer for a lens) as CPU tensors: ``run`` assembles them into the shapes
+it promises. Each kind of operation has its own function, chosen by the op's type.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from typing import Any, Iterator
 
 import torch
 
-from nnterp.backends.base import SiteKind
+from nnterp.dsl.plan import (
+    AttentionProbsOp,
+    GradCaptureOp,
+    GradOp,
+    LensOp,
+    OutputKey,
+    PatchOp,
+    Plan,
+    ReadOp,
+    SteerOp,
+    ZeroOp,
+)
+from nnterp.sites import SiteKind
 
-__all__ = ["run_step", "generation_may_end_early", "SITE_KINDS"]
-
-#: (module, side) of a Site -> the backend's SiteKind
-SITE_KINDS = {
-    ("layers", "input"): SiteKind.LAYERS_INPUT,
-    ("layers", "output"): SiteKind.LAYERS_OUTPUT,
-    ("attentions", "output"): SiteKind.ATTENTIONS_OUTPUT,
-    ("mlps", "output"): SiteKind.MLPS_OUTPUT,
-    ("embeddings", "output"): SiteKind.EMBEDDINGS_OUTPUT,
-    ("logits", None): SiteKind.LOGITS,
-}
+__all__ = ["run_step", "generation_may_end_early"]
 
 
 @contextlib.contextmanager
@@ -52,10 +55,6 @@ def generation_may_end_early() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
         yield
-
-
-def _kind(site) -> SiteKind:
-    return SITE_KINDS[(site.module, site.side)]
 
 
 def _columns(positions: Any, pad: int, length: int, step: int) -> list[int] | None:
@@ -77,23 +76,24 @@ def _columns(positions: Any, pad: int, length: int, step: int) -> list[int] | No
     return [pad + p if p >= 0 else length + p for p in wanted]
 
 
-def _store(backend: Any, op: Any, step: int, rows: list[int], picked: torch.Tensor, store: dict) -> None:
+def _store(backend: Any, op: ReadOp | LensOp, step: int, rows: list[int], picked: torch.Tensor,
+           store: dict) -> None:
     """Store a read (or its lens) for each row of ``picked`` (``[rows, ..., width]``)."""
-    if op.action == "read":
+    if isinstance(op, ReadOp):
         batch = _keep(picked)
         for b, prompt in enumerate(rows):
-            store[(op.name, step, prompt)] = batch[b]
+            store[OutputKey(op.name, step=step, prompt=prompt)] = batch[b]
         return
     probs = torch.softmax(backend.project_on_vocab(picked).float(), dim=-1)
     if op.top_k is not None:
         top = probs.topk(op.top_k, dim=-1)
         values, indices = _keep(top.values), _keep(top.indices)
         for b, prompt in enumerate(rows):
-            store[(op.name, step, prompt, op.layer)] = (values[b], indices[b])
+            store[OutputKey(op.name, step=step, prompt=prompt, layer=op.layer)] = (values[b], indices[b])
     else:
         batch = _keep(probs)
         for b, prompt in enumerate(rows):
-            store[(op.name, step, prompt, op.layer)] = batch[b]
+            store[OutputKey(op.name, step=step, prompt=prompt, layer=op.layer)] = batch[b]
 
 
 def _gather(value: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
@@ -130,7 +130,30 @@ def _keep(value: torch.Tensor) -> torch.Tensor:
     return value.detach().as_subclass(torch.Tensor).to("cpu", non_blocking=True, copy=True)
 
 
-def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int], store: dict,
+class _Pass:
+    """One forward pass of one batch: what every op function needs besides its op."""
+
+    __slots__ = ("backend", "step", "rows", "pads", "store", "scratch")
+
+    def __init__(self, backend: Any, step: int, rows: list[int], pads: list[int], store: dict,
+                 scratch: dict) -> None:
+        self.backend, self.step, self.rows, self.pads = backend, step, rows, pads
+        self.store, self.scratch = store, scratch
+
+    def read(self, op: Any) -> torch.Tensor:
+        # the interpreter never edits a read in place, so it works on a plain tensor: a
+        # backend's guarded subclass would route every later op through Python
+        value = self.backend.read(op.site.kind, op.site.layer)
+        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+            value = value.as_subclass(torch.Tensor)
+        return value
+
+    def row_pads(self, op: Any) -> list[int]:
+        # logits exist only at the last position (where tokens are sampled): no padding
+        return [0] * len(self.rows) if op.site.kind is SiteKind.LOGITS else self.pads
+
+
+def run_step(backend: Any, plan: Plan, step: int, rows: list[int], pads: list[int], store: dict,
              scratch: dict) -> None:
     """Apply every op of ``plan`` active at generation ``step`` to this forward pass.
 
@@ -140,93 +163,110 @@ def run_step(backend: Any, plan: Any, step: int, rows: list[int], pads: list[int
         step: 0 for the prompt's forward pass, k for the k-th token generated after it.
         rows: the prompt index of each batch row.
         pads: the left padding of each batch row.
-        store: results, keyed by ``(name, step, prompt index[, layer])``.
+        store: results, keyed by `OutputKey`.
         scratch: state kept across the steps of one run: activations captured for
             gradients (until the gradient op), steering vectors already on the device.
     """
+    this = _Pass(backend, step, rows, pads, store, scratch)
     for op in plan.ops_at(step):
-        if op.action == "steer" and op.positions is None:
-            # the common case, at every generated token: one in-place add of a vector
-            # moved to the device once, instead of a read, a copy and a write per step
-            kind, layer = _kind(op.site), op.site.layer
-            delta = scratch.get(("steer", op.node_index))
-            if delta is None:
-                like = backend.read(kind, layer)
-                delta = (op.scale * op.value.to_tensor()).to(like.device, like.dtype)
-                scratch[("steer", op.node_index)] = delta
-            backend.add(kind, layer, delta)
-            continue
-        if op.action == "attention_probs":
-            probs = backend.read(SiteKind.ATTENTION_PROBABILITIES, op.layer)
-            for b, prompt in enumerate(rows):
-                store[(op.name, step, prompt)] = _keep(probs[b, :, pads[b]:, pads[b]:])
-            continue
-        if op.action == "grad":
-            _gradient(backend, op, step, rows, pads, store, scratch)
-            continue
-        kind = _kind(op.site)
-        layer = op.site.layer
-        # the interpreter never edits a read in place, so it works on a plain tensor: a
-        # backend's guarded subclass would route every later op through Python
-        value = backend.read(kind, layer)
-        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
-            value = value.as_subclass(torch.Tensor)
-        length = value.shape[-2]
-        # logits exist only at the last position (where tokens are sampled): no padding
-        row_pads = [0] * len(rows) if kind is SiteKind.LOGITS else pads
-        if op.action == "grad_capture":
-            scratch[op.name] = value
-            continue
-        if op.action in ("read", "lens"):
-            if op.positions is None:  # every token: rows differ in length
-                for b, prompt in enumerate(rows):
-                    columns = _columns(None, row_pads[b], length, step)
-                    _store(backend, op, step, [prompt], value[b, columns].unsqueeze(0), store)
-                continue
-            columns = [_columns(op.positions, row_pads[b], length, step) for b in range(len(rows))]
-            if columns[0] is None:  # a prompt position, at a generation step
-                continue
-            # all rows at once: one gather, one unembedding, one copy off the device
-            picked = _gather(value, columns)
-            if isinstance(op.positions, int):
-                picked = picked[:, 0]
-            _store(backend, op, step, rows, picked, store)
-            continue
-        backend.write(kind, layer, _edited(op, value, step, row_pads))
+        _RUN[type(op)](op, this)
 
 
-def _edited(op: Any, value: torch.Tensor, step: int, pads: list[int]) -> torch.Tensor:
+def _run_steer(op: SteerOp, this: _Pass) -> None:
+    if op.positions is not None:
+        _run_edit(op, this)
+        return
+    # the common case, at every generated token: one in-place add of a vector moved to
+    # the device once, instead of a read, a copy and a write per step
+    kind, layer = op.site.kind, op.site.layer
+    delta = this.scratch.get(("steer", op.node_index))
+    if delta is None:
+        like = this.backend.read(kind, layer)
+        delta = (op.scale * op.vector.to_tensor()).to(like.device, like.dtype)
+        this.scratch[("steer", op.node_index)] = delta
+    this.backend.add(kind, layer, delta)
+
+
+def _run_attention_probs(op: AttentionProbsOp, this: _Pass) -> None:
+    probs = this.backend.read(SiteKind.ATTENTION_PROBABILITIES, op.site.layer)
+    for b, prompt in enumerate(this.rows):
+        pad = this.pads[b]
+        this.store[OutputKey(op.name, step=this.step, prompt=prompt)] = _keep(probs[b, :, pad:, pad:])
+
+
+def _run_grad_capture(op: GradCaptureOp, this: _Pass) -> None:
+    this.scratch[op.name] = this.read(op)
+
+
+def _run_read(op: ReadOp | LensOp, this: _Pass) -> None:
+    value = this.read(op)
+    length = value.shape[-2]
+    pads = this.row_pads(op)
+    if op.positions is None:  # every token: rows differ in length
+        for b, prompt in enumerate(this.rows):
+            columns = _columns(None, pads[b], length, this.step)
+            _store(this.backend, op, this.step, [prompt], value[b, columns].unsqueeze(0), this.store)
+        return
+    columns = [_columns(op.positions, pads[b], length, this.step) for b in range(len(this.rows))]
+    if columns[0] is None:  # a prompt position, at a generation step
+        return
+    # all rows at once: one gather, one unembedding, one copy off the device
+    picked = _gather(value, columns)
+    if isinstance(op.positions, int):
+        picked = picked[:, 0]
+    _store(this.backend, op, this.step, this.rows, picked, this.store)
+
+
+def _run_edit(op: ZeroOp | PatchOp | SteerOp, this: _Pass) -> None:
+    value = this.read(op)
+    this.backend.write(op.site.kind, op.site.layer, _edited(op, value, this.step, this.row_pads(op)))
+
+
+def _edited(op: ZeroOp | PatchOp | SteerOp, value: torch.Tensor, step: int, pads: list[int]) -> torch.Tensor:
     """The activation after a zero, patch or steer."""
     new = value.clone()
-    if op.action == "steer":
-        delta = (op.scale * op.value.to_tensor()).to(new.device, new.dtype)
+    if isinstance(op, SteerOp):
+        delta = (op.scale * op.vector.to_tensor()).to(new.device, new.dtype)
         if op.positions is None:
             return new + delta
-    elif op.action == "zero" and op.positions is None:
+    elif isinstance(op, ZeroOp) and op.positions is None:
         return torch.zeros_like(new)
-    constant = op.value.to_tensor().to(new.device, new.dtype) if op.action == "patch" else None
+    constant = op.value.to_tensor().to(new.device, new.dtype) if isinstance(op, PatchOp) else None
     length = new.shape[-2]
     for b in range(new.shape[0]):
         columns = _columns(op.positions, pads[b], length, step)
         if not columns:
             continue
-        if op.action == "zero":
+        if isinstance(op, ZeroOp):
             new[b, columns] = 0
-        elif op.action == "patch":
+        elif isinstance(op, PatchOp):
             new[b, columns] = constant if constant.ndim == 1 else constant.reshape(len(columns), -1)
         else:
             new[b, columns] = new[b, columns] + delta
     return new
 
 
-def _gradient(backend: Any, op: Any, step: int, rows: list[int], pads: list[int], store: dict,
-              pending: dict) -> None:
-    activation = pending.pop(op.name)
-    logits = backend.read(SiteKind.LOGITS, None)
+def _run_grad(op: GradOp, this: _Pass) -> None:
+    activation = this.scratch.pop(op.name)
+    logits = this.backend.read(SiteKind.LOGITS, None)
     log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
     objective = log_probs[:, op.target].sum()  # rows are independent: the sum's gradient splits by row
     with objective.backward():
         gradient = activation.grad
-        for b, prompt in enumerate(rows):
-            columns = _columns(op.positions, pads[b], gradient.shape[-2], step)
-            store[(op.name, step, prompt)] = _keep(_select(gradient, b, columns, op.positions))
+        for b, prompt in enumerate(this.rows):
+            columns = _columns(op.positions, this.pads[b], gradient.shape[-2], this.step)
+            this.store[OutputKey(op.name, step=this.step, prompt=prompt)] = _keep(
+                _select(gradient, b, columns, op.positions))
+
+
+#: op type -> the function that runs it
+_RUN = {
+    ReadOp: _run_read,
+    LensOp: _run_read,
+    ZeroOp: _run_edit,
+    PatchOp: _run_edit,
+    SteerOp: _run_steer,
+    AttentionProbsOp: _run_attention_probs,
+    GradCaptureOp: _run_grad_capture,
+    GradOp: _run_grad,
+}

@@ -29,21 +29,27 @@ On a machine without CUDA the engine runs on vLLM's CPU backend through
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from nnterp.backends.base import Backend, SiteKind
+from nnterp.backends.base import Backend
+from nnterp.backends.interpret import generation_may_end_early, run_step
+from nnterp.backends.limits import VLLM as VLLM_LIMITS
+from nnterp.dsl.plan import Execution, Plan, Sampling
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
+from nnterp.sites import SiteKind
 
 __all__ = ["VLLMBackend", "ReadOnlyActivation"]
 
 #: How every "not on vLLM" error ends: where to go instead.
 _HINT_NOT_HF = (
-    "vLLM computes no gradients and never materialises attention probabilities; "
+    f"{VLLM_LIMITS.nodes['Grad'].why}, and {VLLM_LIMITS.nodes['AttentionProbs'].why}; "
     "load the model with backend='hf' for them."
 )
+#: how the nnsight executor runs plans, as the run manifest records it
+_EXECUTOR = "vllm/nnsight: one request per prompt, one intervention per request"
 
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
                     "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
@@ -106,9 +112,9 @@ def _plain(value: Any) -> Any:
 #: what `Steer`, `Lens` and most reads touch. Each served site is a break in the graph.
 DEFAULT_GRAPH_SITES = ("layers_output",)
 
-#: Site kinds a CUDA-graph engine can serve (logits are served outside the graph).
-_GRAPHABLE = (SiteKind.EMBEDDINGS_OUTPUT, SiteKind.LAYERS_INPUT, SiteKind.LAYERS_OUTPUT,
-              SiteKind.ATTENTIONS_OUTPUT, SiteKind.MLPS_OUTPUT)
+#: Site kinds a CUDA-graph engine can serve through taps: the module sites (logits are
+#: served outside the graph, attention probabilities not at all).
+_GRAPHABLE = tuple(kind for kind in SiteKind if kind.in_dsl and kind is not SiteKind.LOGITS)
 
 
 def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
@@ -128,15 +134,7 @@ def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
 
 def _tap_patterns(paths: ModulePaths, kinds: frozenset[SiteKind]) -> list[str]:
     """nnsight tap patterns (module paths with ``*`` for the layer) for site kinds."""
-    layer = f"{paths.layers}.*"
-    where = {
-        SiteKind.EMBEDDINGS_OUTPUT: f"{paths.embeddings}.output",
-        SiteKind.LAYERS_INPUT: f"{layer}.input",
-        SiteKind.LAYERS_OUTPUT: f"{layer}.output",
-        SiteKind.ATTENTIONS_OUTPUT: f"{layer}.{paths.attention}.output",
-        SiteKind.MLPS_OUTPUT: f"{layer}.{paths.mlp}.output",
-    }
-    return [where[kind] for kind in _GRAPHABLE if kind in kinds]
+    return [f"{paths.module_path(kind, '*')}.{kind.side}" for kind in _GRAPHABLE if kind in kinds]
 
 
 class VLLMBackend(Backend):
@@ -156,7 +154,7 @@ class VLLMBackend(Backend):
             from `nnterp.backends.vllm_cpu.cpu_engine_kwargs` fill what is not given.
     """
 
-    name = "vllm"
+    limits = VLLM_LIMITS
 
     def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
                  **kwargs: Any) -> None:
@@ -210,27 +208,24 @@ class VLLMBackend(Backend):
     def num_layers(self) -> int:
         return self._num_layers
 
-    @property
-    def enable_attention_probs(self) -> bool:
-        return False
-
     # -- reading and writing ---------------------------------------------------------
 
     def served(self, kind: SiteKind) -> bool:
         """Whether this engine serves ``kind`` (a CUDA-graph engine serves only its taps)."""
-        if kind is SiteKind.ATTENTION_PROBABILITIES:
+        if kind in self.limits.sites:
             return False
         return kind is SiteKind.LOGITS or self.graph_kinds is None or kind in self.graph_kinds
 
     def _require(self, kind: SiteKind) -> None:
-        if kind is SiteKind.ATTENTION_PROBABILITIES:
-            raise BackendUnsupportedError(f"attention probabilities are not available on vLLM. {_HINT_NOT_HF}")
+        limit = self.limits.sites.get(kind)
+        if limit is not None:
+            raise BackendUnsupportedError(f"{kind.value} are not available on vLLM ({limit.why}); {limit.fix}")
         if not self.served(kind):
             served = ", ".join(sorted(k.value for k in self.graph_kinds))
             raise BackendUnsupportedError(
                 f"{kind.value} is not served by this CUDA-graph engine (it serves {served}): a replayed "
                 f"graph runs no Python except at the sites named when the model was loaded. Load it with "
-                f"cuda_graphs=[{', '.join(repr(k.value) for k in sorted(self.graph_kinds | {kind}, key=_GRAPHABLE.index))}]"
+                f"cuda_graphs=[{', '.join(sorted(repr(k.value) for k in self.graph_kinds | {kind}))}]"
                 f", or without cuda_graphs for an eager engine that serves every site")
 
     def read(self, kind: SiteKind, layer: int | None) -> Any:
@@ -316,6 +311,41 @@ class VLLMBackend(Backend):
                  top_p: float = 1.0, seed: int | None = None, **kwargs: Any):
         return self.trace(*inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, **kwargs)
+
+    def execute(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
+        """Run a lowered plan: one request (invoke) per prompt, in one trace.
+
+        Each invoke's ops run in the engine's worker; results come back in ``store``, a
+        dict saved above the invokes, which nnsight merges key by key across requests.
+        Generated tokens come from the engine's own outputs, so no step pays a handoff
+        or a device-to-host copy for them.
+        """
+        import nnsight
+
+        for site in plan.sites():
+            self._require(site.kind)
+        steps = plan.max_step + 1
+        with generation_may_end_early(), self.generate(
+                max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, seed=sampling.seed) as tracer:
+            store = nnsight.save({})
+            # nnsight pickles, for every request, each name its block reads: the prompt
+            # pass alone (a lens, a sweep of reads) gets a block without the step loop,
+            # which would also ship the tracer.
+            if steps == 1:
+                for row, prompt in enumerate(prompts):
+                    with tracer.invoke(prompt):
+                        run_step(self, plan, 0, [row], [0], store, {})
+            else:
+                for row, prompt in enumerate(prompts):
+                    with tracer.invoke(prompt):
+                        scratch = {}
+                        # The loop ends early, and nothing after it runs, when the
+                        # request reaches end of sequence first; so nothing follows it.
+                        for step in tracer.iter[:steps]:
+                            run_step(self, plan, step, [row], [0], store, scratch)
+        tokens = [output.outputs[0].token_ids for output in self.model.last_outputs]
+        return Execution(dict(store), tokens, _EXECUTOR)
 
     def project_on_vocab(self, hidden: Any) -> Any:
         # Inside a trace this runs in the worker, where the modules hold weights; outside
@@ -482,49 +512,6 @@ def _flatten_prompts(inputs: tuple) -> list:
     return prompts
 
 
-def execute_plan(plan: Any, backend: "VLLMBackend", prompts: list[str], sampling: Any) -> dict:
-    """Run a lowered plan on vLLM: one request (invoke) per prompt, in one trace.
-
-    Each invoke's ops run in the engine's worker; results come back in ``store``, a
-    dict saved above the invokes, which nnsight merges key by key across requests.
-    Generated tokens come from the engine's own outputs, so no step pays a handoff or
-    a device-to-host copy for them.
-
-    Returns:
-        ``{"store": results by (name, step, prompt...), "tokens": [[ids] per prompt]}``.
-    """
-    import nnsight
-
-    from nnterp.backends.interpret import SITE_KINDS, generation_may_end_early, run_step
-
-    for op in plan.ops:
-        if op.site is not None:
-            backend._require(SITE_KINDS[(op.site.module, op.site.side)])
-    steps = plan.max_step + 1
-    with generation_may_end_early(), backend.generate(
-            max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=sampling.seed) as tracer:
-        store = nnsight.save({})
-        # nnsight pickles, for every request, each name its block reads: the prompt
-        # pass alone (a lens, a sweep of reads) gets a block without the step loop,
-        # which would also ship the tracer.
-        if steps == 1:
-            for row, prompt in enumerate(prompts):
-                with tracer.invoke(prompt):
-                    run_step(backend, plan, 0, [row], [0], store, {})
-        else:
-            for row, prompt in enumerate(prompts):
-                with tracer.invoke(prompt):
-                    scratch = {}
-                    # The loop ends early, and nothing after it runs, when the request
-                    # reaches end of sequence first; so nothing follows it.
-                    for step in tracer.iter[:steps]:
-                        run_step(backend, plan, step, [row], [0], store, scratch)
-    outputs = backend.model.last_outputs
-    tokens = [list(output.outputs[0].token_ids) for output in outputs]
-    return {"store": store, "tokens": tokens}
-
-
 def _build_engine_class() -> type:
     """nnsight's ``VLLM``, keeping the engine's outputs of the last trace.
 
@@ -565,12 +552,3 @@ def __getattr__(name: str) -> Any:
             _LAZY[name] = builders[name]()
         return _LAZY[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _register() -> None:
-    from nnterp.dsl.lowering import register_executor
-
-    register_executor("vllm", execute_plan)
-
-
-_register()

@@ -76,7 +76,7 @@ DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 # would not fit the default 256 MiB, so cap it.
 DEFAULT_MAX_MODEL_LEN = 2048
 
-_LAZY_CLASSES = ("NNsightCPUWorker", "NNsightCPUModelRunner", "CPUVLLM")
+_LAZY_CLASSES = ("NNsightCPUWorker", "NNsightCPUModelRunner")
 _built: dict[str, Any] = {}
 
 
@@ -92,12 +92,13 @@ def cpu_engine_kwargs(**user_kwargs: Any) -> dict[str, Any]:
     cache), prefix caching off, eager mode.
     Anything in ``user_kwargs`` overrides them. ``worker_cls`` is *not*
     returned: nnsight passes its own, so it is set via `cpu_meta_model_patch`
-    / `CPUVLLM` instead (a ``worker_cls`` given here raises ``TypeError``).
+    instead (a ``worker_cls`` given here raises ``TypeError``).
     """
     if "worker_cls" in user_kwargs:
         raise TypeError(
             "worker_cls cannot be passed to nnsight's VLLM (it sets its own); "
-            "use cpu_meta_model_patch() or CPUVLLM, which select NNsightCPUWorker."
+            "load through load_cpu_vllm (or inside cpu_meta_model_patch()), which selects "
+            "NNsightCPUWorker."
         )
     kwargs: dict[str, Any] = {
         "dtype": "float32",
@@ -142,9 +143,9 @@ def cpu_meta_model_patch() -> Iterator[None]:
 
     Makes ``torch.accelerator.empty_cache`` a no-op (the meta-model build calls
     it) and points ``VLLM._WORKER_CLS`` at `NNsightCPUWorker`. Wrap the
-    ``VLLM(...)`` construction with ``dispatch=True``; a lazily dispatched
-    model must also dispatch inside it (or use `CPUVLLM`, which needs no
-    context). Does nothing when CUDA is available.
+    ``VLLM(...)`` construction with ``dispatch=True`` (`load_cpu_vllm` does); a
+    lazily dispatched model must also dispatch inside it. Does nothing when CUDA
+    is available.
     """
     if not is_cpu_only():
         yield
@@ -194,7 +195,6 @@ def _build(name: str) -> Any:
     if name in _built:
         return _built[name]
 
-    from nnsight.modeling.vllm import VLLM
     from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
     from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -218,32 +218,11 @@ def _build(name: str) -> Any:
                 )
             runner.__class__ = NNsightCPUModelRunner
 
-    class CPUVLLM(VLLM):
-        """``VLLM`` that builds its meta tree and engine for CPU without a patch context."""
-
-        _WORKER_CLS = WORKER_CLS
-
-        def _load_meta(self, repo_id: str, **kwargs: Any) -> Any:
-            with mock_empty_cache():
-                return super()._load_meta(repo_id, **kwargs)
-
-    for cls in (NNsightCPUModelRunner, NNsightCPUWorker, CPUVLLM):
+    for cls in (NNsightCPUModelRunner, NNsightCPUWorker):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
         _built[cls.__name__] = cls
     return _built[name]
-
-
-@contextlib.contextmanager
-def mock_empty_cache() -> Iterator[None]:
-    """Only the ``torch.accelerator.empty_cache`` no-op of `cpu_meta_model_patch`."""
-    if not is_cpu_only():
-        yield
-        return
-    from unittest import mock
-
-    with mock.patch.object(torch.accelerator, "empty_cache", _empty_cache_noop):
-        yield
 
 
 def __getattr__(name: str) -> Any:

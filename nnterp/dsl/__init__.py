@@ -4,10 +4,10 @@ A graph is an immutable sequence of nodes (`Read`, `Zero`, `Patch`, `Steer`, `Le
 `Grad`, `AttentionProbs`) composed with ``>>``. Nodes are values: equal and hashable by
 content, serializable to a canonical JSON document, and independent of any backend.
 `validate` checks a graph against a model (or just its configuration) and reports every
-problem at once; ``run`` validates, lowers the graph to nnsight code for the model's
-backend (HF or vLLM) and executes it.
+problem at once; ``run`` validates, lowers the graph to a `nnterp.dsl.plan.Plan` and
+hands it to the model's backend (HF or vLLM), which returns an ``Execution``.
 
-``run``, ``replay``, ``Sampling`` and ``RunResult`` are imported on first use, so
+``run``, ``replay`` and ``RunResult`` are imported on first use, so
 importing ``nnterp.dsl`` to build, check or store graphs never loads the machinery that
 runs them.
 
@@ -30,6 +30,7 @@ from typing import Any
 
 from nnterp.dsl.graph import Graph
 from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Patch, Read, Source, Steer, Zero
+from nnterp.dsl.plan import Sampling
 from nnterp.dsl.serialize import from_json, load, save, to_json
 from nnterp.dsl.sites import Site
 from nnterp.dsl.spec import ModelSpec
@@ -41,7 +42,6 @@ from nnterp.errors import GraphFormatError, ValidationError
 _LAZY = {
     "run": "nnterp.dsl.run",
     "replay": "nnterp.dsl.run",
-    "Sampling": "nnterp.dsl.run",
     "RunResult": "nnterp.dsl.run",
 }
 
@@ -66,6 +66,7 @@ __all__ = [
     "load",
     "to_json",
     "from_json",
+    "Sampling",
     *_LAZY,
 ]
 

@@ -1,29 +1,34 @@
-"""A `ModelSpec` for a model name or path, from its configuration alone.
+"""A `ModelSpec` (and a tokenizer) for a model name or path, from its files alone.
 
 ``validate(graph, "some/model")`` and ``nnterp validate`` must answer without loading
 weights or starting an engine, so they read only the model's configuration through
-``transformers.AutoConfig``. This is the one place in ``nnterp.dsl``'s validation path
-that touches transformers, and it imports it inside the function, so that importing
-``nnterp.dsl`` (and validating against a loaded model or a `ModelSpec`) never imports it.
+``transformers.AutoConfig`` (and, to count a run's prompt tokens, its tokenizer). This
+is the one place in ``nnterp.dsl``'s validation path that touches transformers, and it
+imports it inside the functions, so that importing ``nnterp.dsl`` (and validating
+against a loaded model or a `ModelSpec`) never imports it.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from nnterp.backends.limits import limits_for
 from nnterp.dsl.spec import ModelSpec
+from nnterp.sites import SiteKind
 
-__all__ = ["spec_for_name"]
+__all__ = ["spec_for_name", "tokenizer_for_name"]
 
 
-def spec_for_name(name: str | os.PathLike, backend: str = "hf") -> ModelSpec:
+def spec_for_name(name: str | os.PathLike, backend: str) -> ModelSpec:
     """Read ``name``'s configuration and describe it for ``backend``.
 
     ``"bundled"`` means the bundled SmolLM2 (converted on first use). Attention
-    probabilities count as enabled on HF, because ``run`` loads a model named by
-    string with them when its graph reads them.
+    probabilities count as enabled where the backend can read them, because ``run``
+    loads a model named by string with them when its graph reads them.
 
     Raises:
+        nnterp.errors.ModelNotFoundError: ``name`` is neither a folder nor a hub id.
         OSError: no configuration could be found or read.
         ValueError: the configuration lacks the sizes nnterp needs.
         nnterp.errors.BundledModelError: ``"bundled"`` is not installed.
@@ -33,4 +38,14 @@ def spec_for_name(name: str | os.PathLike, backend: str = "hf") -> ModelSpec:
     from nnterp.bundled import resolve_model_name
 
     config = AutoConfig.from_pretrained(resolve_model_name(name))
-    return ModelSpec.from_config(config, backend, attention_probs_enabled=backend == "hf")
+    probs = SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites
+    return ModelSpec.from_config(config, backend, attention_probs_enabled=probs)
+
+
+def tokenizer_for_name(name: str | os.PathLike) -> Any:
+    """``name``'s tokenizer (to count a run's prompt tokens before loading weights)."""
+    from transformers import AutoTokenizer
+
+    from nnterp.bundled import resolve_model_name
+
+    return AutoTokenizer.from_pretrained(resolve_model_name(name))

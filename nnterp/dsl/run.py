@@ -1,16 +1,16 @@
 """``run``: validate a graph, lower it, execute it on the model's backend, shape the results.
 
 The steps, in order, and nothing else: resolve the model (a loaded
-`StandardizedTransformer`, or a name loaded once per process and cached), `validate`
-against it (nothing runs if any problem is found), run the source prompts of
-``Patch(source=...)`` nodes and turn those patches into constant ones, `lower` the graph
-to a `Plan`, hand the plan to the executor the backend registered, and assemble the
-per-prompt results into the shapes SPEC.md gives. The model is reached only through
-`ModelSpec.from_model`, ``model.backend`` and ``model._backend``: this module knows no
-backend.
+`StandardizedTransformer`, or a name loaded once per process and cached: `model_for`),
+`validate` against it and against the run's own prompts and sampling (nothing runs if
+any problem is found), run the source prompts of ``Patch(source=...)`` nodes and turn
+those patches into constant ones, `lower` the graph to a `Plan`, hand the plan to the
+model's backend (``model.execute(plan, prompts, sampling)``, which returns an
+`Execution`), and assemble the recorded values into the shapes SPEC.md gives. The model
+is reached only through its public attributes: this module knows no backend.
 
 A `RunResult` carries a manifest with everything needed to run the same thing again
-(graph JSON, prompts, sampling, model identity, backend, library versions).
+(graph JSON, prompts, sampling, model identity, backend, executor, library versions).
 """
 
 from __future__ import annotations
@@ -22,55 +22,19 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from nnterp.dsl.graph import Graph
-from nnterp.dsl.lowering import executor_for, lower, uses
-from nnterp.dsl.nodes import AttentionProbs, Grad, Node, Patch, Read
+from nnterp.backends.limits import DEFAULT_BACKEND, limits_for
+from nnterp.dsl.graph import Graph, as_graph
+from nnterp.dsl.lowering import lower, uses
+from nnterp.dsl.nodes import AttentionProbs, Node, Patch, Read
+from nnterp.dsl.plan import Execution, Output, OutputKey, OutputKind, Plan, Sampling
 from nnterp.dsl.results import RunResult
-from nnterp.dsl.spec import ModelSpec
 from nnterp.dsl.validate import validate
+from nnterp.sites import SiteKind
 
-__all__ = ["Sampling", "RunResult", "run", "replay"]
+__all__ = ["Sampling", "RunResult", "run", "replay", "model_for"]
 
 #: (name, backend, attention probabilities) -> model loaded by `run` from a name
 _MODELS: dict[tuple[str, str, bool], Any] = {}
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"Sampling.{attribute.name} must be >= 0, got {value!r}")
-
-
-def _top_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"Sampling.top_p must be in (0, 1], got {value!r}")
-
-
-def _max_tokens(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Sampling.max_tokens must be an int >= 1, got {value!r}")
-
-
-@attrs.frozen
-class Sampling:
-    """How a run samples: the vLLM ``SamplingParams`` subset both backends honour.
-
-    ``max_tokens=1`` is the prompt's forward pass and one sampled token; larger values
-    generate, and nodes with ``steps`` other than 0 act or read in those later passes.
-    ``temperature=0`` is greedy.
-    """
-
-    max_tokens: int = attrs.field(default=1, validator=_max_tokens)
-    temperature: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
-    top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p)
-    seed: int | None = None
-
-
-def _as_graph(graph: Graph | Node) -> Graph:
-    if isinstance(graph, Graph):
-        return graph
-    if isinstance(graph, Node):
-        return Graph((graph,))
-    raise TypeError(f"run needs a Graph or a node, got {type(graph).__name__}")
 
 
 def _as_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -83,19 +47,29 @@ def _as_prompts(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def _model(model: Any, backend: str | None, graph: Graph) -> Any:
+def model_for(model: Any, backend: str | None = None, graph: Graph | Node | None = None) -> Any:
+    """The loaded model ``run`` uses for ``model``.
+
+    A loaded model is returned as it is (``run`` then checks that ``backend``, if given,
+    is its backend). A name or path is loaded with ``backend`` (default ``"hf"``) once
+    per process and cached, with attention probabilities enabled when ``graph`` reads
+    them and the backend can.
+
+    Example:
+        >>> model = model_for("bundled", backend="hf")        # doctest: +SKIP
+        >>> model is model_for("bundled", backend="hf")        # doctest: +SKIP
+        True
+    """
     if not isinstance(model, (str, os.PathLike)):
-        if backend is not None and getattr(model, "backend", backend) != backend:
-            raise ValueError(f"run(..., backend={backend!r}) but the model is loaded on {model.backend!r}")
         return model
     from nnterp.standardized import StandardizedTransformer
 
-    backend = backend or "hf"
-    probs = backend == "hf" and uses(graph, AttentionProbs)
+    backend = backend or DEFAULT_BACKEND
+    probs = (graph is not None and uses(as_graph(graph), AttentionProbs)
+             and SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites)
     key = (os.fspath(model), backend, probs)
     if key not in _MODELS:
-        kwargs = {"enable_attention_probs": True} if probs else {}
-        _MODELS[key] = StandardizedTransformer(model, backend=backend, **kwargs)
+        _MODELS[key] = StandardizedTransformer(model, backend=backend, enable_attention_probs=probs)
     return _MODELS[key]
 
 
@@ -113,35 +87,38 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
         sampling: `Sampling` settings; default one greedy token.
 
     Raises:
-        ValidationError: the graph does not fit the model; nothing ran.
+        ValidationError: the graph does not fit the model, the prompts or the sampling
+            (every problem listed); nothing ran.
     """
-    graph = _as_graph(graph)
+    graph = as_graph(graph)
     prompts = _as_prompts(prompts)
     sampling = sampling or Sampling()
     if isinstance(model, (str, os.PathLike)):
-        # from the configuration alone: a graph that cannot run never loads weights or
-        # starts an engine
-        validate(graph, model, backend or "hf")
-    model = _model(model, backend, graph)
-    spec = validate(graph, model)
-    if sampling.max_tokens > 1 and any(isinstance(node, Grad) for node in graph):
-        raise ValueError("Grad takes the gradient of one forward pass; run it with Sampling(max_tokens=1)")
+        # from the configuration and tokenizer alone: a graph that cannot run never
+        # loads weights or starts an engine
+        validate(graph, model, backend or DEFAULT_BACKEND, prompts=prompts, sampling=sampling)
+    model = model_for(model, backend, graph)
+    spec = validate(graph, model, backend, prompts=prompts, sampling=sampling)
     resolved = _resolve_sources(graph, model, spec)
     tokenizer = model.tokenizer
     plan = lower(resolved, spec, max_tokens=sampling.max_tokens,
-                 token_ids=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
-    raw = executor_for(spec.backend)(plan, model._backend, prompts, sampling)
-    tokens = [list(map(int, row)) for row in raw["tokens"]]
+                 token_id=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
+    execution = model.execute(plan, prompts, sampling)
+    tokens = [list(row) for row in execution.tokens]
+    outputs = _assemble(plan, _drop_ended_steps(execution), len(prompts))
+    texts = [tokenizer.decode(row) for row in tokens]
+    return RunResult(outputs, tokens, texts, _manifest(graph, prompts, sampling, model, execution))
+
+
+def _drop_ended_steps(execution: Execution) -> dict[OutputKey, Any]:
     # A prompt whose generation ended early (end of sequence) has no later steps. vLLM
     # stops computing it; an HF batch goes on feeding it padding, whose activations
     # mean nothing: drop them, so both backends return the same steps.
-    store = {key: value for key, value in raw["store"].items() if key[1] < max(1, len(tokens[key[2]]))}
-    outputs = _assemble(plan, store, len(prompts))
-    texts = [tokenizer.decode(row) for row in tokens]
-    return RunResult(outputs, tokens, texts, _manifest(graph, prompts, sampling, model))
+    generated = [max(1, len(row)) for row in execution.tokens]
+    return {key: value for key, value in execution.values.items() if key.step < generated[key.prompt]}
 
 
-def _resolve_sources(graph: Graph, model: Any, spec: ModelSpec) -> Graph:
+def _resolve_sources(graph: Graph, model: Any, spec: Any) -> Graph:
     """Run each ``Patch(source=...)``'s source prompt and patch in the value it read."""
     sources = [(i, node) for i, node in enumerate(graph) if isinstance(node, Patch) and node.source is not None]
     if not sources:
@@ -153,17 +130,12 @@ def _resolve_sources(graph: Graph, model: Any, spec: ModelSpec) -> Graph:
     for prompt, patches in by_prompt.items():
         reads = Graph(tuple(Read(node.source.site or node.site, positions=node.source.position,
                                  name=f"source{index}") for index, node in patches))
-        plan = lower(reads, spec)
-        raw = executor_for(spec.backend)(plan, model._backend, [prompt], Sampling())
+        execution = model.execute(lower(reads, spec), [prompt], Sampling())
         for index, _ in patches:
-            values[index] = raw["store"][(f"source{index}", 0, 0)]
+            values[index] = execution.values[OutputKey(f"source{index}", step=0, prompt=0)]
     nodes = [attrs.evolve(node, value=values[i], source=None) if i in values else node
              for i, node in enumerate(graph)]
     return Graph(tuple(nodes))
-
-
-def _steps_taken(name: str, store: dict, prompt: int) -> list[int]:
-    return sorted({key[1] for key in store if key[0] == name and key[2] == prompt})
 
 
 def _stack(values: list[Any]) -> Any:
@@ -172,49 +144,51 @@ def _stack(values: list[Any]) -> Any:
     return values
 
 
-def _assemble(plan: Any, store: dict, n_prompts: int) -> dict[str, Any]:
-    ops = {op.name: op for op in plan.ops if op.name is not None and op.action != "grad_capture"}
-    lens_layers = dict(plan.lens_layers)
+def _value_at(output: Output, values: dict[OutputKey, Any], prompt: int, step: int) -> Any:
+    if output.kind is not OutputKind.LENS:
+        return values.get(OutputKey(output.name, step=step, prompt=prompt))
+    per_layer = [values.get(OutputKey(output.name, step=step, prompt=prompt, layer=layer))
+                 for layer in output.layers]
+    if any(v is None for v in per_layer):
+        return None
+    if output.top_k is not None:
+        return (torch.stack([v[0] for v in per_layer]), torch.stack([v[1] for v in per_layer]))
+    return torch.stack(per_layer)
+
+
+def _pairs(items: list[Any]) -> tuple[Any, Any]:
+    """A list of ``(probs, ids)`` pairs as a pair of stacks (a lens with top_k)."""
+    return _stack([item[0] for item in items]), _stack([item[1] for item in items])
+
+
+def _assemble(plan: Plan, values: dict[OutputKey, Any], n_prompts: int) -> dict[str, Any]:
+    steps_taken: dict[tuple[str, int], set[int]] = {}
+    for key in values:
+        steps_taken.setdefault((key.name, key.prompt), set()).add(key.step)
     outputs: dict[str, Any] = {}
-    for name, kind in plan.outputs:
-        op = ops[name]
-        multi_step = op.steps == "all" or isinstance(op.steps, tuple)
-
-        def value_at(prompt: int, step: int) -> Any:
-            if kind == "lens":
-                per_layer = [store.get((name, step, prompt, layer)) for layer in lens_layers[name]]
-                if any(v is None for v in per_layer):
-                    return None
-                if op.top_k is not None:
-                    return (torch.stack([v[0] for v in per_layer]), torch.stack([v[1] for v in per_layer]))
-                return torch.stack(per_layer)
-            return store.get((name, step, prompt))
-
+    for output in plan.outputs:
+        pairs = output.kind is OutputKind.LENS and output.top_k is not None
+        if output.multi_step:
+            per_prompt = [[_value_at(output, values, prompt, step)
+                           for step in sorted(steps_taken.get((output.name, prompt), ()))]
+                          for prompt in range(n_prompts)]
+            outputs[output.name] = [_pairs(steps) if pairs else _stack(steps) for steps in per_prompt]
+            continue
         per_prompt = []
         for prompt in range(n_prompts):
-            if multi_step:
-                steps = _steps_taken(name, store, prompt)
-                per_prompt.append([value_at(prompt, step) for step in steps])
-            else:
-                value = value_at(prompt, op.steps)
-                if value is None:
-                    raise RuntimeError(
-                        f"output {name!r}: no value for prompts[{prompt}] at step {op.steps} "
-                        f"(did generation stop before that step?)"
-                    )
-                per_prompt.append(value)
-        if multi_step:
-            if kind == "lens" and op.top_k is not None:
-                outputs[name] = [(_stack([v[0] for v in steps]), _stack([v[1] for v in steps]))
-                                 for steps in per_prompt]
-            else:
-                outputs[name] = [_stack(steps) for steps in per_prompt]
-        elif kind == "lens" and op.top_k is not None:
-            outputs[name] = (torch.stack([v[0] for v in per_prompt]), torch.stack([v[1] for v in per_prompt]))
-        elif kind in ("attention_probs",) or op.positions is None:
-            outputs[name] = per_prompt
+            value = _value_at(output, values, prompt, output.steps)
+            if value is None:
+                raise RuntimeError(
+                    f"output {output.name!r}: no value for prompts[{prompt}] at step {output.steps} "
+                    f"(did generation stop before that step?)"
+                )
+            per_prompt.append(value)
+        if pairs:
+            outputs[output.name] = _pairs(per_prompt)
+        elif output.kind is OutputKind.ATTENTION_PROBS or output.positions is None:
+            outputs[output.name] = per_prompt
         else:
-            outputs[name] = _stack(per_prompt)
+            outputs[output.name] = _stack(per_prompt)
     return outputs
 
 
@@ -230,7 +204,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _manifest(graph: Graph, prompts: list[str], sampling: Sampling, model: Any) -> dict[str, Any]:
+def _manifest(graph: Graph, prompts: list[str], sampling: Sampling, model: Any,
+              execution: Execution) -> dict[str, Any]:
     return {
         "nnterp_run": 1,
         "graph": json.loads(graph.to_json()),
@@ -239,6 +214,7 @@ def _manifest(graph: Graph, prompts: list[str], sampling: Sampling, model: Any) 
         "sampling": attrs.asdict(sampling),
         "model": model.identity(),
         "backend": model.backend,
+        "executor": execution.executor,
         "versions": _versions(),
     }
 

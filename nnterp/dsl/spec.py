@@ -6,11 +6,13 @@ from a loaded `StandardizedTransformer` (`ModelSpec.from_model`, duck-typed, so 
 module needs no import of it), from a transformers configuration
 (`ModelSpec.from_config`), or written by hand in tests and examples.
 
-What a backend can do is data too: `ModelSpec.supported` is the set of node types the
-backend runs, so "Grad on vLLM" is an ordinary validation problem, not a crash in the
-middle of lowering.
+What a backend can do is data too, declared by the backend itself in
+`nnterp.backends.limits`: `ModelSpec.limits` is that declaration, and
+`ModelSpec.supported` the node types it leaves, so "Grad on vLLM" is an ordinary
+validation problem, with the backend's own explanation and fix.
 
-This module never imports nnsight, vllm, transformers, json or the backends.
+This module never imports nnsight, vllm, transformers, json or the backends' code (the
+limits tables are plain data).
 """
 
 from __future__ import annotations
@@ -20,33 +22,22 @@ from typing import Any
 
 import attrs
 
-from nnterp.dsl.nodes import NODE_TYPES, AttentionProbs, Grad, Node
+from nnterp.backends.limits import BACKENDS, BackendLimits, limits_for
+from nnterp.dsl.nodes import NODE_TYPES, Node
 
-__all__ = ["ModelSpec", "BACKENDS", "supported_by", "backends_supporting"]
-
-#: Backend name -> what it is, for error messages.
-BACKENDS: dict[str, str] = {
-    "hf": "Hugging Face transformers through nnsight's LanguageModel",
-    "vllm": "vLLM through nnsight's VLLM",
-}
-
-#: Node types each backend cannot run, and why (vLLM's fused kernels neither keep a
-#: graph for autograd nor materialise attention probabilities).
-_UNSUPPORTED: dict[str, frozenset[type[Node]]] = {
-    "hf": frozenset(),
-    "vllm": frozenset({Grad, AttentionProbs}),
-}
+__all__ = ["ModelSpec", "supported_by", "backends_supporting"]
 
 
 def supported_by(backend: str) -> frozenset[type[Node]]:
     """The node types ``backend`` can run (an unknown backend is refused by
     `ModelSpec`'s own check, which runs after this default is computed)."""
-    return frozenset(NODE_TYPES) - _UNSUPPORTED.get(backend, frozenset())
+    unsupported = BACKENDS[backend].nodes if backend in BACKENDS else {}
+    return frozenset(t for t in NODE_TYPES if t.__name__ not in unsupported)
 
 
 def backends_supporting(node_type: type[Node]) -> tuple[str, ...]:
     """The backends that can run ``node_type``, e.g. ``("hf",)`` for `Grad`."""
-    return tuple(b for b in BACKENDS if node_type not in _UNSUPPORTED[b])
+    return tuple(name for name, limits in BACKENDS.items() if node_type.__name__ not in limits.nodes)
 
 
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -62,10 +53,10 @@ def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None
 
 
 def _backend_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in BACKENDS:
-        raise ValueError(
-            f"ModelSpec.backend must be one of {', '.join(map(repr, BACKENDS))}, got {value!r:.40}"
-        )
+    try:
+        limits_for(value)
+    except ValueError as err:
+        raise ValueError(f"ModelSpec.backend: {err}") from None
 
 
 def _bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -91,7 +82,7 @@ class ModelSpec:
         backend: ``"hf"`` or ``"vllm"``.
         attention_probs_enabled: whether the model was loaded so that attention
             probabilities can be read (``enable_attention_probs=True``, HF only).
-        supported: node types the backend runs; by default derived from ``backend``
+        supported: node types the backend runs; by default those its `limits` leave
             (vLLM lacks `Grad` and `AttentionProbs`).
 
     Example:
@@ -115,12 +106,17 @@ class ModelSpec:
         repr=lambda types: f"frozenset({{{', '.join(sorted(t.__name__ for t in types))}}})",
     )
 
+    @property
+    def limits(self) -> BackendLimits:
+        """What the backend declares it cannot do (`nnterp.backends.limits`)."""
+        return limits_for(self.backend)
+
     @classmethod
     def from_model(cls, model: Any) -> "ModelSpec":
         """Snapshot a loaded `StandardizedTransformer` (or anything with its attributes).
 
         Reads ``num_layers``, ``hidden_size``, ``num_heads``, ``vocab_size``, ``backend``,
-        and ``_backend.enable_attention_probs`` when present.
+        and ``attention_probs_enabled`` when present.
 
         Raises:
             TypeError: ``model`` lacks one of those attributes.
@@ -135,7 +131,7 @@ class ModelSpec:
                 f"expected a StandardizedTransformer, got {type(model).__name__} without "
                 f"{', '.join(missing)}; pass a loaded model, a model name, or a ModelSpec"
             )
-        probs = getattr(getattr(model, "_backend", None), "enable_attention_probs", False)
+        probs = getattr(model, "attention_probs_enabled", False)
         return cls(
             num_layers=int(model.num_layers),
             hidden_size=int(model.hidden_size),

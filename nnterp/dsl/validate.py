@@ -5,35 +5,46 @@ Invariants checked (one rule each, registered per node type with `rule`):
 * every layer index (of a site, a ``Steer``, an ``AttentionProbs``, a ``Lens`` layer)
   is within ``-num_layers .. num_layers - 1``;
 * ``Steer`` vectors have ``hidden_size`` features, and ``Patch`` values have the site's
-  width in their last dimension (``vocab_size`` for ``logits``, else ``hidden_size``);
+  width in their last dimension (``vocab_size`` for ``logits``, else ``hidden_size``),
+  one row per patched position, and only finite numbers;
 * a ``Patch`` source site has the same width as the patched site;
 * output names are unique in the graph;
-* the backend runs the node type (``Grad`` and ``AttentionProbs`` need HF), and
-  ``AttentionProbs`` has a model loaded with ``enable_attention_probs=True``;
+* the backend runs the node type (its own `nnterp.backends.limits` table says why not
+  and what to do instead), and ``AttentionProbs`` has a model loaded with
+  ``enable_attention_probs=True``;
 * ``Lens.top_k`` is at most ``vocab_size``; a ``Grad`` target is a non-empty string or
-  a token id below ``vocab_size``.
+  a token id below ``vocab_size``;
+* a node that acts only at generation steps asks for no prompt position: each of
+  those forward passes holds one token.
+
+Given the prompts and sampling of a run (``run`` always passes them), also: every
+position exists in every prompt (and a source position in its source prompt), every
+step is one the run generates, and ``Grad`` runs on one forward pass.
 
 Malformed sites, types, signs and tensor ranks never get here: nodes refuse them when
 they are built. `problems` collects every problem and never raises for a user mistake
 (a rule that raises is an nnterp bug); `validate` raises one `ValidationError` listing
 all of them, in graph order, so a user fixes a graph in one round.
 
-This module never imports nnsight, vllm, transformers, json or the backends; reading a
-configuration by model name goes through `nnterp.dsl.config_spec`, imported on demand.
+This module never imports nnsight, vllm, transformers, json or the backends' code;
+reading a configuration by model name goes through `nnterp.dsl.config_spec`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 
+from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, limits_for
+from nnterp.dsl.config_spec import spec_for_name, tokenizer_for_name
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Node, Patch, Read, Steer, Zero
 from nnterp.dsl.sites import Site
-from nnterp.dsl.spec import BACKENDS, ModelSpec, backends_supporting, supported_by
-from nnterp.errors import NnterpError, ValidationError
+from nnterp.dsl.spec import ModelSpec, supported_by
+from nnterp.errors import ModelNotFoundError, NnterpError, ValidationError
+from nnterp.sites import SiteKind
 
 __all__ = ["Problem", "problems", "validate", "rule"]
 
@@ -77,14 +88,31 @@ class Problem:
 
 
 @attrs.frozen
+class RunFacts:
+    """What a run adds to the model: its prompts' lengths and its sampling.
+
+    Args:
+        prompt_lengths: tokens in each prompt, as the model's tokenizer counts them.
+        source_lengths: tokens in each ``Patch(source=...)`` prompt, by prompt text.
+        max_tokens: tokens the run generates (``Sampling.max_tokens``).
+    """
+
+    prompt_lengths: tuple[int, ...] = ()
+    source_lengths: tuple[tuple[str, int], ...] = ()
+    max_tokens: int = 1
+
+
+@attrs.frozen
 class _Context:
     """What a rule may look at besides the node: the spec, the node's place in the
-    graph, and the output names used by earlier nodes (name -> index)."""
+    graph, the output names used by earlier nodes (name -> index), and the run's facts
+    when validating for a run."""
 
     spec: ModelSpec
     index: int
     node: Node
     earlier_names: tuple[tuple[str, int], ...]
+    run: RunFacts | None = None
 
     def problem(self, what: str, fix: str, field: str | None = None) -> Problem:
         where = f"nodes[{self.index}] {type(self.node).__name__}"
@@ -120,13 +148,13 @@ def _rules_for(node_type: type[Node]) -> list[Rule]:
     return out
 
 
-def problems(graph: Graph, spec: ModelSpec) -> tuple[Problem, ...]:
-    """Every problem of ``graph`` for ``spec``, in graph order; never raises for a
-    user mistake."""
+def problems(graph: Graph, spec: ModelSpec, run: RunFacts | None = None) -> tuple[Problem, ...]:
+    """Every problem of ``graph`` for ``spec`` (and ``run``'s prompts and sampling, when
+    given), in graph order; never raises for a user mistake."""
     found: list[Problem] = []
     names: dict[str, int] = {}
     for index, node in enumerate(graph):
-        ctx = _Context(spec, index, node, tuple(names.items()))
+        ctx = _Context(spec, index, node, tuple(names.items()), run)
         for check in _rules_for(type(node)):
             found.extend(check(node, ctx))
         name = node.output_name
@@ -146,29 +174,14 @@ def _layer_ok(layer: int, spec: ModelSpec) -> bool:
     return -spec.num_layers <= layer < spec.num_layers
 
 
-#: Why a backend lacks a node type, for the message.
-_WHY_UNSUPPORTED = {
-    Grad: "vLLM runs inference kernels that keep no autograd graph",
-    AttentionProbs: "vLLM's fused attention kernels never materialise attention probabilities",
-}
-
-
 @rule(Node)
 def _check_backend_supports(node: Node, ctx: _Context) -> Iterator[Problem]:
     node_type = type(node)
     if node_type in ctx.spec.supported:
         return
-    others = backends_supporting(node_type)
-    why = _WHY_UNSUPPORTED.get(node_type, "the backend has no rule for it")
-    if "hf" in others:
-        fix = (
-            f"run this graph on the HF backend: StandardizedTransformer(name, backend='hf'"
-            f"{', enable_attention_probs=True' if node_type is AttentionProbs else ''})"
-        )
-    elif others:
-        fix = f"run it on a backend that supports it: {', '.join(others)}"
-    else:
-        fix = "remove the node; no backend runs it"
+    limit = ctx.spec.limits.nodes.get(node_type.__name__)
+    why = limit.why if limit is not None else "the backend was described without it"
+    fix = limit.fix if limit is not None else "run it on a backend that supports it"
     yield ctx.problem(
         f"{node_type.__name__} is not available on the {ctx.spec.backend} backend ({why})", fix
     )
@@ -326,6 +339,150 @@ def _check_grad_target_in_vocab(node: Grad, ctx: _Context) -> Iterator[Problem]:
         )
 
 
+@rule(Steer, Patch)
+def _check_finite(node: Any, ctx: _Context) -> Iterator[Problem]:
+    field = "vector" if isinstance(node, Steer) else "value"
+    tensor = getattr(node, field)
+    bad = 0 if tensor is None else tensor.count_non_finite()
+    if bad:
+        yield ctx.problem(
+            f"{field} {tensor!r} holds {bad} NaN or infinite values, which would turn every "
+            "activation it touches into NaN",
+            f"pass a finite {field}; check how it was computed (e.g. a norm of zero)",
+            field,
+        )
+
+
+def _position_count(positions: Any) -> int | None:
+    if positions is None:
+        return None
+    return 1 if isinstance(positions, int) else len(positions)
+
+
+@rule(Patch)
+def _check_patch_rows(node: Patch, ctx: _Context) -> Iterator[Problem]:
+    value = node.value
+    if value is None or value.ndim < 2 or value.shape[-1] != _width(node.site, ctx.spec):
+        return  # a vector is written at every patched position; a wrong width is reported
+    rows = value.numel // value.shape[-1]
+    wanted = _position_count(node.positions)
+    lengths = ctx.run.prompt_lengths if ctx.run is not None and wanted is None else ()
+    if wanted is not None and rows != wanted:
+        yield ctx.problem(
+            f"value {value!r} has {rows} rows but positions={node.positions!r} names {wanted}",
+            "give one row per position, or a vector to write at every position",
+            "value",
+        )
+    elif any(rows != n for n in lengths):
+        yield ctx.problem(
+            f"value {value!r} has {rows} rows but positions=None patches every token, and "
+            f"the prompts have {sorted(set(lengths))} tokens",
+            "give one row per token of every prompt, or a vector, or name the positions",
+            "value",
+        )
+
+
+def _steps_of(node: Node) -> Any:
+    if isinstance(node, (Read, Lens)):
+        return node.steps
+    if isinstance(node, Steer):
+        return "all" if node.positions is None else 0
+    return 0
+
+
+def _includes_prompt_pass(steps: Any) -> bool:
+    return steps == "all" or steps == 0 or (isinstance(steps, tuple) and 0 in steps)
+
+
+@rule(Read, Lens)
+def _check_generation_positions(node: Any, ctx: _Context) -> Iterator[Problem]:
+    if _includes_prompt_pass(node.steps) or node.positions is None:
+        return
+    wanted = (node.positions,) if isinstance(node.positions, int) else node.positions
+    if any(p != -1 for p in wanted):
+        yield ctx.problem(
+            f"positions={node.positions!r} at steps={node.steps!r}: each generation step's "
+            "forward pass holds only the new token (position -1), so nothing would be read",
+            "use positions=-1 (or None) for generation steps, or add step 0 to read the prompt",
+            "positions",
+        )
+
+
+@rule(Read, Zero, Patch)
+def _check_logits_positions(node: Any, ctx: _Context) -> Iterator[Problem]:
+    if node.site.kind is not SiteKind.LOGITS or node.positions is None:
+        return
+    wanted = (node.positions,) if isinstance(node.positions, int) else node.positions
+    if any(p not in (0, -1) for p in wanted):
+        yield ctx.problem(
+            f"positions={node.positions!r} at 'logits': logits exist only at the last position, "
+            "where the next token is sampled (on both backends)",
+            "use positions=-1; to see another position's prediction, run a Lens there or "
+            "run that prefix of the prompt",
+            "positions",
+        )
+
+
+@rule(Read, Lens, Zero, Patch, Steer, Grad)
+def _check_positions_in_prompts(node: Any, ctx: _Context) -> Iterator[Problem]:
+    if ctx.run is None or node.positions is None or not _includes_prompt_pass(_steps_of(node)):
+        return
+    wanted = (node.positions,) if isinstance(node.positions, int) else node.positions
+    short = [(i, n) for i, n in enumerate(ctx.run.prompt_lengths) if any(not -n <= p < n for p in wanted)]
+    if short:
+        shortest = min(n for _, n in short)
+        listed = ", ".join(f"prompts[{i}] ({n} tokens)" for i, n in short[:3])
+        more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+        yield ctx.problem(
+            f"positions {list(wanted)} are outside {listed}{more}; a prompt of n tokens has "
+            "positions -n .. n-1",
+            f"use positions every prompt has (e.g. -1, or within {-shortest} .. {shortest - 1}), "
+            "or run the short prompts separately",
+            "positions",
+        )
+
+
+@rule(Patch)
+def _check_source_position(node: Patch, ctx: _Context) -> Iterator[Problem]:
+    if ctx.run is None or node.source is None:
+        return
+    n = dict(ctx.run.source_lengths).get(node.source.prompt)
+    p = node.source.position
+    if n is not None and not -n <= p < n:
+        yield ctx.problem(
+            f"source position {p} is outside the source prompt {node.source.prompt!r:.60} "
+            f"({n} tokens)",
+            f"use a position in {-n} .. {n - 1} (e.g. -1, its last token)",
+            "source.position",
+        )
+
+
+@rule(Read, Lens)
+def _check_steps_generated(node: Any, ctx: _Context) -> Iterator[Problem]:
+    if ctx.run is None or node.steps == "all":
+        return
+    steps = (node.steps,) if isinstance(node.steps, int) else node.steps
+    last = ctx.run.max_tokens - 1
+    beyond = [step for step in steps if step > last]
+    if beyond:
+        yield ctx.problem(
+            f"steps {beyond} come after the run's last forward pass: generating "
+            f"{ctx.run.max_tokens} tokens runs steps 0 .. {last}",
+            f"generate more tokens (Sampling(max_tokens={max(beyond) + 1})), or use steps <= {last}",
+            "steps",
+        )
+
+
+@rule(Grad)
+def _check_grad_single_pass(node: Grad, ctx: _Context) -> Iterator[Problem]:
+    if ctx.run is not None and ctx.run.max_tokens > 1:
+        yield ctx.problem(
+            f"Grad takes the gradient of one forward pass, but the run generates "
+            f"{ctx.run.max_tokens} tokens",
+            "run it with Sampling(max_tokens=1), and generate in a separate run",
+        )
+
+
 # -- public entry point ----------------------------------------------------------------
 
 
@@ -334,11 +491,12 @@ def _model_problem(what: str, fix: str) -> ValidationError:
 
 
 def _spec_for(model: Any, backend: str | None) -> ModelSpec:
-    if backend is not None and backend not in BACKENDS:
-        raise _model_problem(
-            f"unknown backend {backend!r:.40}",
-            f"pass backend= one of {', '.join(map(repr, BACKENDS))}, or None",
-        )
+    if backend is not None:
+        try:
+            limits_for(backend)
+        except ValueError as err:
+            raise _model_problem(str(err), f"pass backend= one of {', '.join(map(repr, BACKENDS))}, "
+                                 "or None") from None
     if isinstance(model, ModelSpec):
         if backend is None or backend == model.backend:
             return model
@@ -348,30 +506,14 @@ def _spec_for(model: Any, backend: str | None) -> ModelSpec:
             model,
             backend=backend,
             supported=supported_by(backend),
-            attention_probs_enabled=model.attention_probs_enabled and backend == "hf",
+            attention_probs_enabled=model.attention_probs_enabled and _has_probs(backend),
         )
     if isinstance(model, (str, os.PathLike)):
-        from nnterp.dsl.config_spec import spec_for_name
-
-        try:
-            return spec_for_name(model, backend or "hf")
-        except NnterpError:
-            raise  # e.g. BundledModelError, which already says how to fix it
-        except Exception as err:
-            # transformers and huggingface_hub raise many types for an unreadable or
-            # invalid configuration (OSError, ValueError, their own validation errors).
-            raise _model_problem(
-                f"could not read the configuration of model {os.fspath(model)!r:.200} "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
-                "pass a local folder holding a config.json, a Hugging Face model name "
-                "already in the local cache, or 'bundled'",
-            ) from err
+        return _name_call(model, spec_for_name, backend or DEFAULT_BACKEND)
     try:
         spec = ModelSpec.from_model(model)
     except TypeError as err:
-        raise TypeError(
-            f"validate(graph, model): {err}"
-        ) from err
+        raise TypeError(f"validate(graph, model): {err}") from err
     if backend is not None and backend != spec.backend:
         raise _model_problem(
             f"the model was loaded with backend {spec.backend!r} but backend={backend!r} "
@@ -382,7 +524,55 @@ def _spec_for(model: Any, backend: str | None) -> ModelSpec:
     return spec
 
 
-def validate(graph: Graph | Node, model: Any, backend: str | None = None) -> ModelSpec:
+def _has_probs(backend: str) -> bool:
+    return SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites
+
+
+def _name_call(name: Any, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(name, *args)``, with any failure to read the model's files reported
+    as a problem with the model."""
+    try:
+        return function(name, *args)
+    except ModelNotFoundError as err:
+        what, _, fix = str(err).partition("; ")
+        raise _model_problem(what, fix) from None
+    except NnterpError:
+        raise  # e.g. BundledModelError, which already says how to fix it
+    except Exception as err:
+        # transformers and huggingface_hub raise many types for an unreadable or
+        # invalid configuration (OSError, ValueError, their own validation errors).
+        raise _model_problem(
+            f"could not read model {os.fspath(name)!r:.200} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            "pass a local folder holding a config.json, a Hugging Face model name "
+            "already in the local cache, or 'bundled'",
+        ) from err
+
+
+def _run_facts(graph: Graph, model: Any, prompts: Sequence[str] | None,
+               sampling: Any) -> RunFacts | None:
+    if prompts is None and sampling is None:
+        return None
+    lengths: tuple[int, ...] = ()
+    sources: tuple[tuple[str, int], ...] = ()
+    if prompts is not None:
+        if isinstance(model, ModelSpec):
+            raise TypeError("validate(..., prompts=...) counts tokens with the model's tokenizer; "
+                            "pass a loaded model or a model name instead of a ModelSpec")
+        if isinstance(model, (str, os.PathLike)):
+            tokenizer = _name_call(model, tokenizer_for_name)
+        else:
+            tokenizer = model.tokenizer
+        count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
+        lengths = tuple(count(prompt) for prompt in prompts)
+        source_prompts = {n.source.prompt for n in graph if isinstance(n, Patch) and n.source is not None}
+        sources = tuple((text, count(text)) for text in sorted(source_prompts))
+    max_tokens = getattr(sampling, "max_tokens", 1)
+    return RunFacts(prompt_lengths=lengths, source_lengths=sources, max_tokens=max_tokens)
+
+
+def validate(graph: Graph | Node, model: Any, backend: str | None = None, *,
+             prompts: Sequence[str] | None = None, sampling: Any = None) -> ModelSpec:
     """Check ``graph`` against a model without running it.
 
     Args:
@@ -394,6 +584,9 @@ def validate(graph: Graph | Node, model: Any, backend: str | None = None) -> Mod
             graph asks for them).
         backend: ``"hf"`` or ``"vllm"``; for a loaded model it must match the model's,
             for a name it defaults to ``"hf"``, for a spec it replaces the spec's.
+        prompts: the prompts of a run: every position must exist in each of them
+            (tokens are counted with the model's tokenizer: a loaded model or a name).
+        sampling: the `Sampling` of a run (``Grad`` needs ``max_tokens=1``).
 
     Returns:
         The `ModelSpec` the graph was checked against.
@@ -419,7 +612,7 @@ def validate(graph: Graph | Node, model: Any, backend: str | None = None) -> Mod
     """
     graph = as_graph(graph)
     spec = _spec_for(model, backend)
-    found = problems(graph, spec)
+    found = problems(graph, spec, _run_facts(graph, model, prompts, sampling))
     if found:
         noun = "problem" if len(found) == 1 else "problems"
         raise ValidationError(

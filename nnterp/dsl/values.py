@@ -211,6 +211,17 @@ class TensorValue:
     def is_floating_point(self) -> bool:
         return self.dtype in FLOAT_DTYPES
 
+    def count_non_finite(self) -> int:
+        """How many elements are NaN or infinite (0 for integer and bool dtypes).
+
+        A value may hold them (it is exact data, and JSON round-trips them), but a
+        steering vector or patch containing one turns every activation it touches into
+        NaN, silently: validation refuses such nodes before they run.
+        """
+        if not self.is_floating_point or not self.data:
+            return 0
+        return int((~torch.isfinite(self.to_tensor())).sum())
+
     def __repr__(self) -> str:
         # The short form keeps Graph.__str__ lines and error messages readable; the
         # numbers themselves are never shown.

@@ -25,7 +25,7 @@ from nnterp.dsl import (
     Zero,
     validate,
 )
-from nnterp.dsl.validate import problems
+from nnterp.dsl.validate import RunFacts, problems
 from nnterp.errors import NnterpError
 
 # -- ModelSpec -------------------------------------------------------------------------
@@ -61,10 +61,8 @@ def test_model_spec_checks_its_fields(kwargs, error):
 
 
 def _fake_model(backend="hf", probs=None):
-    inner = SimpleNamespace() if probs is None else SimpleNamespace(enable_attention_probs=probs)
-    return SimpleNamespace(
-        num_layers=4, hidden_size=8, num_heads=2, vocab_size=100, backend=backend, _backend=inner
-    )
+    extra = {} if probs is None else {"attention_probs_enabled": probs}
+    return SimpleNamespace(num_layers=4, hidden_size=8, num_heads=2, vocab_size=100, backend=backend, **extra)
 
 
 def test_from_model_is_duck_typed():
@@ -120,6 +118,13 @@ ONE_PROBLEM = [
     (Patch("embeddings.output", source=Source("p", site="logits")), "nodes[0] Patch.source.site"),
     (Grad("logits", ""), "nodes[0] Grad.target"),
     (Grad("logits", 100), "nodes[0] Grad.target"),
+    (Steer(0, [0.0] * 7 + [float("nan")]), "nodes[0] Steer.vector"),
+    (Patch("layers[0].output", value=torch.full((8,), float("inf"))), "nodes[0] Patch.value"),
+    (Patch("layers[0].output", value=torch.zeros(3, 8), positions=[0, 1]), "nodes[0] Patch.value"),
+    (Read("layers[0].output", steps=[1, 2], positions=0), "nodes[0] Read.positions"),
+    (Lens(steps=[3], positions=[-2, -1]), "nodes[0] Lens.positions"),
+    (Read("logits", positions=-2), "nodes[0] Read.positions"),
+    (Zero("logits", positions=[0, 1]), "nodes[0] Zero.positions"),
 ]
 
 
@@ -140,7 +145,7 @@ def test_valid_graphs_have_no_problems(backend_spec):
         Read("layers[-4].output", steps="all")
         >> Read("layers[3].input", positions=None, name="inp")
         >> Zero("mlps[-1].output", positions=[0, 1])
-        >> Patch("logits", value=torch.zeros(2, 100))
+        >> Patch("logits", value=torch.zeros(1, 100))  # one row per position
         >> Patch("layers[1].output", source=Source("p", site="attentions[2].output"))
         >> Patch("layers[1].output", source=Source("p"), positions=None)
         >> Steer(-1, torch.ones(8), scale=3, positions=None)
@@ -149,6 +154,43 @@ def test_valid_graphs_have_no_problems(backend_spec):
     )
     assert problems(g, backend_spec) == ()
     assert validate(g, backend_spec) is backend_spec
+
+
+def test_non_finite_values_are_counted_in_the_message():
+    (problem,) = problems(Graph([Steer(0, torch.tensor([1.0, float("nan"), float("-inf")] + [0.0] * 5))]), SPEC)
+    assert "2 NaN or infinite" in problem.what and problem.fix
+
+
+RUN = RunFacts(prompt_lengths=(5, 2), source_lengths=(("src", 3),), max_tokens=1)
+
+RUN_PROBLEMS = [
+    (Read("layers[0].output", positions=[0, 4]), RUN, "nodes[0] Read.positions"),
+    (Read("layers[0].output", positions=-3), RUN, "nodes[0] Read.positions"),
+    (Lens(positions=2), RUN, "nodes[0] Lens.positions"),
+    (Zero("mlps[1].output", positions=[2]), RUN, "nodes[0] Zero.positions"),
+    (Steer(1, [0.0] * 8, positions=[3]), RUN, "nodes[0] Steer.positions"),
+    (Grad("layers[0].output", 3, positions=[-4]), RUN, "nodes[0] Grad.positions"),
+    (Patch("layers[0].output", source=Source("src", position=3)), RUN, "nodes[0] Patch.source.position"),
+    (Patch("layers[0].output", value=torch.zeros(2, 8), positions=None), RUN, "nodes[0] Patch.value"),
+    (Grad("logits", 1), attrs.evolve(RUN, max_tokens=2), "nodes[0] Grad"),
+    (Read("logits", steps=3), attrs.evolve(RUN, max_tokens=3), "nodes[0] Read.steps"),
+    (Lens(steps=[0, 1]), RUN, "nodes[0] Lens.steps"),
+]
+
+
+@pytest.mark.parametrize("node, run, where", RUN_PROBLEMS)
+def test_run_facts_each_rule_reports_exactly_one_problem(node, run, where):
+    assert problems(Graph([node]), SPEC) == ()  # fine without the run's prompts
+    (problem,) = problems(Graph([node]), SPEC, run)
+    assert problem.where == where and problem.node_index == 0 and problem.fix
+
+
+def test_positions_every_prompt_has_pass():
+    ok = (Read("layers[0].output", positions=[0, 1, -2]) >> Lens(positions=None) >> Steer(1, [0.0] * 8)
+          >> Read("layers[1].output", positions=[0, 1], steps="all", name="both")
+          >> Patch("layers[0].output", source=Source("src", position=-3))
+          >> Patch("layers[1].output", value=torch.zeros(1, 8), positions=[1]))
+    assert problems(ok, SPEC, RUN) == ()
 
 
 def test_duplicate_output_names_point_at_the_later_node():

@@ -1,0 +1,355 @@
+"""The contract between the DSL and the backends: a `Plan` in, an `Execution` out.
+
+A graph says *what* to do; lowering (`nnterp.dsl.lowering`) turns it into a `Plan`,
+which says *where in the forward pass and in which order*: a flat listing of typed
+operations, each at a resolved site, sorted in model order (nnsight serves activations
+in that order) with graph order kept at one site. A backend runs a plan with
+``Backend.execute(plan, prompts, sampling)`` and returns an `Execution`: every value it
+recorded, keyed by `OutputKey` (output name, generation step, prompt, lens layer), and
+the tokens generated for each prompt. ``run`` turns that into the shapes SPEC.md gives.
+
+Everything here is plain frozen data, like a jaxpr: one class per kind of operation,
+no behaviour beyond small queries, and a ``repr`` that reads like a listing. It knows
+nothing of backends, nnsight or vLLM, and it travels to vLLM's workers by pickle, so
+it stays importable and small.
+
+This module imports attrs, the DSL's sites and values only.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Mapping, Union
+
+import attrs
+
+from nnterp.dsl.sites import Site
+from nnterp.dsl.values import TensorValue
+
+__all__ = [
+    "Sampling",
+    "Steps",
+    "Positions",
+    "ReadOp",
+    "LensOp",
+    "ZeroOp",
+    "PatchOp",
+    "SteerOp",
+    "AttentionProbsOp",
+    "GradCaptureOp",
+    "GradOp",
+    "Op",
+    "OutputKind",
+    "Output",
+    "OutputKey",
+    "Plan",
+    "Execution",
+]
+
+#: Token positions of a prompt: an int, a tuple of ints, or None for every token.
+Positions = Union[int, tuple, None]
+#: Forward passes an operation acts in: 0 is the prompt's, k the k-th generated token's;
+#: a tuple of them, or "all".
+Steps = Union[int, tuple, str]
+
+
+# -- sampling ----------------------------------------------------------------------------
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"Sampling.{attribute.name} must be >= 0, got {value!r}")
+
+
+def _top_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"Sampling.top_p must be in (0, 1], got {value!r}")
+
+
+def _max_tokens(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Sampling.max_tokens must be an int >= 1, got {value!r}")
+
+
+@attrs.frozen
+class Sampling:
+    """How a run samples: the vLLM ``SamplingParams`` subset both backends honour.
+
+    ``max_tokens=1`` is the prompt's forward pass and one sampled token; larger values
+    generate, and nodes with ``steps`` other than 0 act or read in those later passes.
+    ``temperature=0`` is greedy.
+
+    Example:
+        >>> Sampling(max_tokens=10)
+        Sampling(max_tokens=10, temperature=0.0, top_p=1.0, seed=None)
+    """
+
+    max_tokens: int = attrs.field(default=1, validator=_max_tokens)
+    temperature: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
+    top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p)
+    seed: int | None = None
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+def _acts_at(steps: Steps, step: int) -> bool:
+    if steps == "all":
+        return True
+    if isinstance(steps, tuple):
+        return step in steps
+    return step == steps
+
+
+def _show_positions(positions: Positions) -> str:
+    return "all" if positions is None else repr(positions)
+
+
+@attrs.frozen
+class _Op:
+    """Fields every operation has: where it acts, when, and which node it came from."""
+
+    site: Site
+    node_index: int = attrs.field(kw_only=True)
+
+    #: the forward passes this op acts in (fixed per class, or a field)
+    steps: Steps = attrs.field(default=0, kw_only=True)
+
+    def acts_at(self, step: int) -> bool:
+        """Whether this op acts in the forward pass of generation step ``step``."""
+        return _acts_at(self.steps, step)
+
+    def _details(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        verb = _VERBS[type(self)]
+        steps = "" if self.steps == 0 else f" steps={self.steps}"
+        details = self._details()
+        return f"{str(self.site):<22} {verb:<15}{details}{steps}   # nodes[{self.node_index}]"
+
+
+@attrs.frozen(repr=False)
+class ReadOp(_Op):
+    """Record the activation at ``site`` (at ``positions``) under ``name``."""
+
+    positions: Positions = attrs.field(default=-1, kw_only=True)
+    name: str = attrs.field(kw_only=True)
+
+    def _details(self) -> str:
+        return f"positions={_show_positions(self.positions)} -> {self.name!r}"
+
+
+@attrs.frozen(repr=False)
+class LensOp(_Op):
+    """Project ``layers[layer].output`` (at ``positions``) through the final norm and
+    the unembedding, and record the probabilities (or the ``top_k`` of them)."""
+
+    layer: int = attrs.field(kw_only=True)
+    positions: Positions = attrs.field(default=-1, kw_only=True)
+    top_k: int | None = attrs.field(default=None, kw_only=True)
+    name: str = attrs.field(kw_only=True)
+
+    def _details(self) -> str:
+        top = "" if self.top_k is None else f" top_k={self.top_k}"
+        return f"positions={_show_positions(self.positions)}{top} -> {self.name!r}"
+
+
+@attrs.frozen(repr=False)
+class ZeroOp(_Op):
+    """Set the activation at ``site`` to zero at ``positions``."""
+
+    positions: Positions = attrs.field(default=None, kw_only=True)
+
+    def _details(self) -> str:
+        return f"positions={_show_positions(self.positions)}"
+
+
+@attrs.frozen(repr=False)
+class PatchOp(_Op):
+    """Replace the activation at ``site`` with ``value`` at ``positions``."""
+
+    value: TensorValue = attrs.field(kw_only=True)
+    positions: Positions = attrs.field(default=-1, kw_only=True)
+
+    def _details(self) -> str:
+        return f"value={self.value!r} positions={_show_positions(self.positions)}"
+
+
+@attrs.frozen(repr=False)
+class SteerOp(_Op):
+    """Add ``scale * vector`` to the activation at ``site`` (at ``positions``)."""
+
+    vector: TensorValue = attrs.field(kw_only=True)
+    scale: float = attrs.field(default=1.0, kw_only=True)
+    positions: Positions = attrs.field(default=None, kw_only=True)
+
+    def _details(self) -> str:
+        return f"{self.scale:g} * {self.vector!r} positions={_show_positions(self.positions)}"
+
+
+@attrs.frozen(repr=False)
+class AttentionProbsOp(_Op):
+    """Record the attention probabilities of ``site.layer`` (the site is the layer's
+    ``attentions[i].output``, where they are computed) under ``name``."""
+
+    name: str = attrs.field(kw_only=True)
+
+    def _details(self) -> str:
+        return f"-> {self.name!r}"
+
+
+@attrs.frozen(repr=False)
+class GradCaptureOp(_Op):
+    """Keep the activation at ``site`` so that a later `GradOp` can take its gradient."""
+
+    name: str = attrs.field(kw_only=True)
+
+    def _details(self) -> str:
+        return f"for {self.name!r}"
+
+
+@attrs.frozen(repr=False)
+class GradOp(_Op):
+    """Once the logits exist: the gradient of log p(``target``) at the last position with
+    respect to the activation its `GradCaptureOp` kept, at ``positions``."""
+
+    target: int = attrs.field(kw_only=True)
+    positions: Positions = attrs.field(default=-1, kw_only=True)
+    name: str = attrs.field(kw_only=True)
+
+    def _details(self) -> str:
+        return (f"d log p(token {self.target}) / d {self.name!r} "
+                f"positions={_show_positions(self.positions)}")
+
+
+Op = Union[ReadOp, LensOp, ZeroOp, PatchOp, SteerOp, AttentionProbsOp, GradCaptureOp, GradOp]
+
+_VERBS: dict[type, str] = {
+    ReadOp: "read", LensOp: "lens", ZeroOp: "zero", PatchOp: "patch", SteerOp: "steer",
+    AttentionProbsOp: "attention_probs", GradCaptureOp: "grad_capture", GradOp: "grad",
+}
+
+
+# -- outputs -----------------------------------------------------------------------------
+
+
+class OutputKind(enum.Enum):
+    """What kind of value a named output holds, which decides its shape in the result."""
+
+    READ = "read"
+    LENS = "lens"
+    ATTENTION_PROBS = "attention_probs"
+    GRAD = "grad"
+
+
+@attrs.frozen
+class Output:
+    """A named output of the plan and what ``run`` needs to shape it.
+
+    Args:
+        name: the key in ``run(...)[name]``.
+        kind: what the values are.
+        positions: the positions read (None: every token, so rows differ in length).
+        steps: the steps read (a tuple or ``"all"`` adds a step axis).
+        top_k: a lens's top-k (its values are ``(probs, token_ids)`` pairs).
+        layers: a lens's layers, in the order its result stacks them.
+    """
+
+    name: str
+    kind: OutputKind
+    positions: Positions = -1
+    steps: Steps = 0
+    top_k: int | None = None
+    layers: tuple[int, ...] = ()
+
+    @property
+    def multi_step(self) -> bool:
+        return self.steps == "all" or isinstance(self.steps, tuple)
+
+
+@attrs.frozen(order=True)
+class OutputKey:
+    """Where one recorded value belongs: output name, step, prompt index, lens layer.
+
+    Example:
+        >>> OutputKey("lens", step=0, prompt=2, layer=5)
+        OutputKey('lens', step=0, prompt=2, layer=5)
+    """
+
+    name: str
+    step: int = attrs.field(kw_only=True)
+    prompt: int = attrs.field(kw_only=True)
+    layer: int | None = attrs.field(default=None, kw_only=True)
+
+    def __repr__(self) -> str:
+        layer = "" if self.layer is None else f", layer={self.layer}"
+        return f"OutputKey({self.name!r}, step={self.step}, prompt={self.prompt}{layer})"
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+
+@attrs.frozen(repr=False)
+class Plan:
+    """A lowered graph: operations in execution order, and the facts executors need.
+
+    Args:
+        ops: every operation, sorted by site order, graph order kept at one site.
+        num_layers: the model's layer count.
+        max_step: the last generation step any operation needs (0: the prompt pass only).
+        outputs: the named outputs, in graph order.
+
+    Example:
+        >>> from nnterp.dsl import Graph, Lens, ModelSpec, Read, Steer
+        >>> from nnterp.dsl.lowering import lower
+        >>> spec = ModelSpec(num_layers=2, hidden_size=4, num_heads=1, vocab_size=10)
+        >>> graph = Lens(top_k=1) >> Steer(0, [1.0] * 4, scale=2) >> Read("logits")
+        >>> print(lower(graph, spec, max_tokens=3))
+        Plan: 2 layers, steps 0..2, outputs 'lens', 'logits'
+          layers[0].output       steer          2 * TensorValue(float32[4]) positions=all steps=all   # nodes[1]
+          layers[0].output       lens           positions=-1 top_k=1 -> 'lens'   # nodes[0]
+          layers[1].output       lens           positions=-1 top_k=1 -> 'lens'   # nodes[0]
+          logits                 read           positions=-1 -> 'logits'   # nodes[2]
+    """
+
+    ops: tuple[Op, ...]
+    num_layers: int
+    max_step: int
+    outputs: tuple[Output, ...]
+
+    def ops_at(self, step: int) -> tuple[Op, ...]:
+        """The operations acting in the forward pass of generation step ``step``."""
+        return tuple(op for op in self.ops if op.acts_at(step))
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether the forward pass must keep an autograd graph (a `GradOp` is present)."""
+        return any(isinstance(op, GradOp) for op in self.ops)
+
+    def sites(self) -> tuple[Site, ...]:
+        """Every site an operation touches, once each, in execution order."""
+        return tuple(dict.fromkeys(op.site for op in self.ops))
+
+    def __repr__(self) -> str:
+        steps = "0" if self.max_step == 0 else f"0..{self.max_step}"
+        names = ", ".join(repr(output.name) for output in self.outputs) or "none"
+        lines = [f"Plan: {self.num_layers} layers, steps {steps}, outputs {names}"]
+        lines += [f"  {op!r}" for op in self.ops]
+        return "\n".join(lines)
+
+
+@attrs.frozen
+class Execution:
+    """What a backend returns for a plan: recorded values and generated tokens.
+
+    Args:
+        values: every recorded value, keyed by `OutputKey`: a CPU tensor, or a
+            ``(probs, token_ids)`` pair for a lens with ``top_k``.
+        tokens: the token ids generated for each prompt, in prompt order.
+        executor: which executor ran the plan (recorded in the run manifest).
+    """
+
+    values: Mapping[OutputKey, Any]
+    tokens: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda rows: tuple(tuple(map(int, r)) for r in rows))
+    executor: str
