@@ -39,5 +39,9 @@ demo: bundled
 bench: bundled
 	$(BIN)/python -m benchmarks.throughput --preset cpu --out benchmarks/results
 
+# The package's layering: the import-linter contracts in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,18 +3,51 @@
 Every command turns bad input into one line on stderr and a non-zero exit: a
 researcher mistyping a path should read what is wrong, not a traceback. Unexpected
 internal errors still show their traceback, since those are bugs to report.
+
+Commands are quiet unless given ``--verbose``: without it, stderr carries only errors,
+so a script can treat anything written there as a problem. The libraries a command
+loads (vLLM and its engine processes, torch, transformers, tqdm) are quieted through
+the settings each reads itself (`QUIET_ENV`). A program may do that; the library never
+does: importing nnterp configures no logging.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from typing import Sequence
 
 __all__ = ["main"]
 
 DEMO_PROMPT = "The capital of France is"
+
+#: Environment variable -> value that silences one source of stderr noise, read by the
+#: library itself in this process and in the vLLM engine's processes, which inherit the
+#: environment. A variable the user has set is left as it is.
+QUIET_ENV = {
+    # vLLM's own log lines (engine start-up, weights, KV cache), in every process, once
+    # vLLM has configured its logging
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    # torch's Python loggers: "Triton not available" when vLLM registers its kernels
+    "TORCH_LOGS": "-torch",
+    # warnings printed by C++ code through c10: the engine's "NUMA binding" notice
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    # tqdm bars, which tqdm reads when first imported: vLLM's "Loading safetensors
+    # checkpoint shards", "Rendering prompts" and "Processed prompts". Not TQDM_DISABLE:
+    # vLLM passes ``disable=`` itself for the first, and divides by a bar's elapsed time,
+    # which a disabled bar leaves at 0 (ZeroDivisionError in LLM.generate, vLLM 0.32). A
+    # bar that waits forever before it first draws measures time but never draws.
+    "TQDM_DELAY": "inf",
+    # transformers' "Loading weights" bar (read through huggingface_hub) and its warnings
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    # a deprecation raised inside vLLM's kernel dispatcher (-W syntax; a comma would
+    # split the filter, so the message is matched up to its first comma)
+    "PYTHONWARNINGS": "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",
+}
 
 
 class CommandError(Exception):
@@ -29,8 +62,39 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(message: str) -> None:
-    print(f"nnterp: {message}", file=sys.stderr, flush=True)
+def _progress(args: argparse.Namespace, message: str) -> None:
+    if args.verbose:
+        print(f"nnterp: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """Silence the libraries a command loads (see `QUIET_ENV`).
+
+    Some sources need more than the environment. ``PYTHONWARNINGS`` is read only when an
+    interpreter starts, so this process gets the same filter directly. vLLM warns through
+    the ``vllm`` logger while it builds an engine's configuration, before it applies
+    ``VLLM_LOGGING_LEVEL`` ("Triton is not installed", "Reset SSM cache type"), when
+    Python's last-resort handler would print them. And transformers reads its settings
+    when imported, which has already happened when `main` is called from Python.
+    """
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+
+    def ours(name: str) -> bool:
+        return os.environ[name] == QUIET_ENV[name]
+
+    if ours("PYTHONWARNINGS"):
+        warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated",
+                                category=FutureWarning)
+    if ours("VLLM_LOGGING_LEVEL"):
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if ours("HF_HUB_DISABLE_PROGRESS_BARS"):
+            hf_logging.disable_progress_bar()
+        if ours("TRANSFORMERS_VERBOSITY"):
+            hf_logging.set_verbosity_error()
 
 
 def _load_graph(path: str):
@@ -87,33 +151,29 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(_one_line(err)) from None
     except (OSError, ValueError) as err:
         raise _model_error(args.model, err) from None
-    _progress(f"loading {args.model!r} on the {args.backend} backend")
-    from nnterp import StandardizedTransformer
-    from nnterp.dsl.lowering import uses
-    from nnterp.dsl.nodes import AttentionProbs
+    _progress(args, f"loading {args.model!r} on the {args.backend} backend")
+    from nnterp.dsl.run import model_for
 
     try:
-        options = {"enable_attention_probs": True} if args.backend == "hf" and uses(graph, AttentionProbs) else {}
-        model = StandardizedTransformer(args.model, backend=args.backend, **options)
+        # the model `run` itself would load for this graph; it stays loaded (and its
+        # engine up) until the process ends
+        model = model_for(args.model, backend=args.backend, graph=graph)
     except (OSError, NnterpError, ValueError) as err:
         raise _model_error(args.model, err) from None
+    _progress(args, f"running {len(graph)} nodes on {len(args.prompt)} prompt(s), {args.max_tokens} token(s)")
     try:
-        _progress(f"running {len(graph)} nodes on {len(args.prompt)} prompt(s), {args.max_tokens} token(s)")
-        try:
-            result = run(graph, model, args.prompt, sampling=sampling)
-        except (ValidationError, IndexError, ValueError) as err:
-            raise CommandError(_one_line(err)) from None
-        for prompt, text in zip(args.prompt, result.texts):
-            print(f"{prompt!r} -> {text!r}")
-        for name in result.keys():
-            print(f"  {name}: {_describe(result[name])}")
-        if args.out:
-            result.save(args.out)
-            print(f"saved to {args.out}/manifest.json and {args.out}/tensors.safetensors")
-        if args.plot:
-            _plot(result, model.tokenizer, args)
-    finally:
-        model.close()
+        result = run(graph, model, args.prompt, sampling=sampling)
+    except (ValidationError, IndexError, ValueError) as err:
+        raise CommandError(_one_line(err)) from None
+    for prompt, text in zip(args.prompt, result.texts):
+        print(f"{prompt!r} -> {text!r}")
+    for name in result.keys():
+        print(f"  {name}: {_describe(result[name])}")
+    if args.out:
+        result.save(args.out)
+        print(f"saved to {args.out}/manifest.json and {args.out}/tensors.safetensors")
+    if args.plot:
+        _plot(result, model.tokenizer, args)
     return 0
 
 
@@ -145,6 +205,12 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def _verbose_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--verbose", action="store_true",
+                         help="show progress, and the log lines, warnings and progress bars of "
+                              "the libraries (vLLM, torch, transformers)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnterp", description="Standardized interpretability on nnsight.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=("hf", "vllm", "both"), default="both")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-tokens", type=int, default=10)
+    _verbose_flag(demo)
     demo.set_defaults(handler=_demo)
 
     run = commands.add_parser("run", help="run a graph (JSON) on prompts")
@@ -163,24 +230,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--out", help="folder to save the manifest and tensors in")
     run.add_argument("--plot", help="PNG file for a heatmap of the graph's logit lens (first prompt)")
+    _verbose_flag(run)
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("validate", help="check a graph against a model's configuration")
     check.add_argument("graph")
     check.add_argument("--model", default="bundled")
     check.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    _verbose_flag(check)
     check.set_defaults(handler=_validate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
-    # a command-line program may quiet its libraries; the library itself never does
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     args = _parser().parse_args(argv)
+    # tokenizers warns when the process forks after using its thread pool
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        _quiet_libraries()  # before the libraries are imported: some read it only then
     try:
         return args.handler(args)
     except CommandError as err:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -14,6 +15,19 @@ import tiny_models  # noqa: E402
 from backend_settings import TEST_DTYPE, engine_kwargs  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests take their example counts from the active profile. CI runs the same
+# examples on every run (derandomized, so a red build is not a roll of the dice), without
+# a time limit per example (shared runners are slow), and prints the blob that replays a
+# failure with @reproduce_failure. At a desk the examples are random, so repeated runs
+# explore further. HYPOTHESIS_PROFILE picks one by name. Both start from hypothesis's
+# defaults, not from whichever profile hypothesis itself loaded on seeing CI set.
+_DEFAULTS = settings.get_profile("default")
+settings.register_profile("ci", _DEFAULTS, derandomize=True, database=None, deadline=None, max_examples=100,
+                          print_blob=True)
+settings.register_profile("dev", _DEFAULTS, max_examples=100)
+_ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ON_CI else "dev"))
 
 
 @pytest.fixture(scope="session")

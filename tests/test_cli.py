@@ -1,69 +1,123 @@
-"""The command line, run as a user runs it."""
+"""The command line: every command in this process through `nnterp.cli.main`, and the
+demo once as a user runs it, in a new interpreter (that run is the one that proves the
+quieting of vLLM, torch and transformers, whose settings are read at import time)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
+import warnings
+
+import pytest
+
+from nnterp.cli import main
 
 
-def test_demo_on_hf_prints_paris_then_steers_to_london():
+@pytest.fixture
+def nnterp_cli(capfd):
+    """``nnterp_cli(*args)`` -> (exit status, stdout, stderr) of ``nnterp ARGS``, run here.
+
+    A command quiets its libraries as a program may (environment variables, the ``vllm``
+    logger, a warnings filter, transformers' progress bars and verbosity); all of it is
+    put back afterwards, so the rest of the session runs as it would without this test.
+    stdout and stderr are captured at the file descriptors, so C++ and child-process
+    output counts too.
+    """
+    from transformers.utils import logging as hf_logging
+
+    environ = dict(os.environ)
+    vllm_level = logging.getLogger("vllm").level
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+
+    def call(*args):
+        capfd.readouterr()
+        status = main([str(arg) for arg in args])
+        out, err = capfd.readouterr()
+        return status, out, err
+
+    with warnings.catch_warnings():
+        yield call
+    os.environ.clear()
+    os.environ.update(environ)
+    logging.getLogger("vllm").setLevel(vllm_level)
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
+def _assert_one_line_error(status, err):
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_demo_on_hf_prints_paris_then_steers_to_london_and_nothing_on_stderr():
     result = subprocess.run([sys.executable, "-m", "nnterp", "demo", "--backend", "hf"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""
     last_layer = [line for line in result.stdout.splitlines() if line.strip().startswith("29 ")][0]
     assert "' Paris'" in last_layer and "' London'" in last_layer
     assert "hf greedy:  'The capital of France is' + ' Paris." in result.stdout
     assert "hf steered: 'The capital of France is' + ' London." in result.stdout
 
 
-def _nnterp(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "nnterp", *args], capture_output=True, text=True, timeout=timeout)
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_demo_on_vllm_is_quiet_too():
+    # the engine runs in child processes, which inherit the quieting through the environment
+    result = subprocess.run([sys.executable, "-m", "nnterp", "demo", "--backend", "vllm", "--max-tokens", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""
+    assert "vllm greedy:  'The capital of France is' + ' Paris." in result.stdout
 
 
-def _assert_one_line_error(result):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_run_writes_results_and_a_readable_heatmap(tmp_path):
+def test_run_writes_results_and_a_readable_heatmap(tmp_path, nnterp_cli):
     graph = tmp_path / "lens.json"
     graph.write_text('{"nnterp_dsl": 1, "graph": [{"op": "lens", "layers": "all", "positions": [0, 1, 2, 3, 4], '
                      '"top_k": 1}]}')
     plot, out = tmp_path / "lens.png", tmp_path / "out"
-    result = _nnterp("run", str(graph), "--prompt", "The capital of France is", "--plot", str(plot),
-                     "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    assert "-> ' Paris'" in result.stdout
+    status, stdout, stderr = nnterp_cli("run", graph, "--prompt", "The capital of France is", "--plot", plot,
+                                        "--out", out)
+    assert status == 0, stderr
+    assert stderr == ""  # no progress without --verbose
+    assert "-> ' Paris'" in stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
     assert (out / "manifest.json").is_file() and (out / "tensors.safetensors").is_file()
-    assert "loading 'bundled'" in result.stderr  # progress goes to stderr
+    status, stdout, stderr = nnterp_cli("run", graph, "--prompt", "The capital of France is", "--verbose")
+    assert status == 0, stderr
+    assert "nnterp: loading 'bundled'" in stderr  # progress goes to stderr, with --verbose only
+    assert "-> ' Paris'" in stdout
 
 
-def test_validate_reports_every_problem_on_one_line(tmp_path):
+def test_validate_reports_every_problem_on_one_line(tmp_path, nnterp_cli):
     graph = tmp_path / "bad.json"
     graph.write_text('{"nnterp_dsl": 1, "graph": [{"op": "lens", "layers": [40]}, {"op": "grad", '
                      '"site": "layers[0].output", "target": 5}]}')
-    result = _nnterp("validate", str(graph), "--backend", "vllm")
-    _assert_one_line_error(result)
-    assert "2 problems" in result.stderr and "nodes[1] Grad" in result.stderr
+    status, _, err = nnterp_cli("validate", graph, "--backend", "vllm")
+    _assert_one_line_error(status, err)
+    assert "2 problems" in err and "nodes[1] Grad" in err
     ok = tmp_path / "ok.json"
     ok.write_text('{"nnterp_dsl": 1, "graph": [{"op": "lens"}]}')
-    good = _nnterp("validate", str(ok), "--backend", "vllm")
-    assert good.returncode == 0 and "valid for 'bundled'" in good.stdout
+    status, out, err = nnterp_cli("validate", ok, "--backend", "vllm")
+    assert status == 0 and "valid for 'bundled'" in out and err == ""
 
 
-def test_bad_input_is_one_line_and_no_traceback(tmp_path):
+def test_bad_input_is_one_line_and_no_traceback(tmp_path, nnterp_cli):
     truncated = tmp_path / "t.json"
     truncated.write_text('{"nnterp_dsl": 1, "graph": [')
-    for args in (("run", str(tmp_path / "missing.json"), "--prompt", "x"),
-                 ("run", str(truncated), "--prompt", "x"),
-                 ("validate", str(truncated)),
-                 ("run", str(truncated), "--prompt", "x", "--model", str(tmp_path / "no-model")),
-                 ("run", str(truncated))):
-        _assert_one_line_error(_nnterp(*args, timeout=120))
     lens = tmp_path / "lens.json"
     lens.write_text('{"nnterp_dsl": 1, "graph": [{"op": "lens"}]}')
-    _assert_one_line_error(_nnterp("validate", str(lens), "--model", str(tmp_path / "no-model"), timeout=120))
-    _assert_one_line_error(_nnterp("run", str(lens), "--prompt", "x", "--max-tokens", "0", timeout=120))
+    for args in (("run", tmp_path / "missing.json", "--prompt", "x"),
+                 ("run", truncated, "--prompt", "x"),
+                 ("validate", truncated),
+                 ("run", truncated, "--prompt", "x", "--model", tmp_path / "no-model"),
+                 ("run", truncated),
+                 ("validate", lens, "--model", tmp_path / "no-model"),
+                 ("run", lens, "--prompt", "x", "--max-tokens", "0")):
+        status, _, err = nnterp_cli(*args)
+        _assert_one_line_error(status, err)

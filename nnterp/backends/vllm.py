@@ -518,7 +518,8 @@ def _build_engine_class() -> type:
     A trace's requests come back from ``vllm.LLM.generate`` as ``RequestOutput``s in
     submission order, holding the generated tokens; nnsight uses them to collect saves
     and then drops them. Keeping them lets the executor read the tokens without asking
-    every request's worker for its sample at every step.
+    every request's worker for its sample at every step. The engine runs without its
+    progress bar.
     """
     from nnsight.modeling.vllm import VLLM
 
@@ -526,7 +527,12 @@ def _build_engine_class() -> type:
         last_outputs: list = []
 
         def _call(self, prompts: list, params: list, lora_requests: list, **kwargs: Any) -> Any:
-            outputs = VLLM._call(self, prompts, params, lora_requests, **kwargs)
+            # nnsight's _call, without vLLM's "Processed prompts" bar: a library call
+            # should not draw on the user's terminal at every trace
+            mediators = self._attach_mediators(params, **kwargs)
+            outputs = self.vllm_entrypoint.generate(prompts, sampling_params=params,
+                                                    lora_request=lora_requests, use_tqdm=False)
+            self._collect(mediators, outputs)
             self.last_outputs = list(outputs)
             return outputs
 
