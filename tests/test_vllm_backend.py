@@ -23,8 +23,13 @@ FAMILIES = ["llama", "qwen2", "gpt2", "bundled"]
 PROMPT = "The capital of France is"
 from backend_settings import TEST_DTYPE, engine_kwargs  # noqa: E402
 
-#: (engine device, dtype) -> (absolute tolerance, relative to the token's largest feature)
+#: (engine device, dtype) -> (absolute tolerance, relative to the token's largest feature).
+#: The backends run different kernels (vLLM fuses the residual add into its RMSNorm, and
+#: has its own attention and activation ops), so their float32 sums run in other orders
+#: and differ by rounding noise that scales with each token's magnitude.
 TOLERANCES = {
+    # SPEC.md's 1e-4, plus 2e-5 (168 eps) of the token's scale for SmolLM2's massive
+    # activations (up to 1e-3 measured at |h| ~ 60)
     ("cpu", "float32"): (1e-4, 2e-5),
     # vLLM's GPU kernels do not keep full float32 precision in their matmuls
     # (measured on an H100: 1.5e-4 on tiny models; on SmolLM2 6e-3 on an attention
@@ -35,6 +40,8 @@ TOLERANCES = {
     # 6% on one SmolLM2 attention output, 1.9% on its logits)
     ("cuda", "bfloat16"): (0.25, 0.08),
 }
+# an unmeasured combination (CPU bfloat16, say): about 4 bfloat16 steps (eps = 2**-7) of
+# the token's scale
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL, TOKEN_RTOL = TOLERANCES.get((DEVICE, TEST_DTYPE), (0.1, 0.03))
 TOL = dict(atol=ATOL, rtol=0)
@@ -102,7 +109,7 @@ def test_every_site_matches_hf(family, hf_models, vllm_models):
     print(f"PARITY {DEVICE} {TEST_DTYPE} {family} " + " ".join(f"{k}={d:.2e}@{s:.3g}" for k, (d, s) in by_kind.items()))
     for key in want:
         assert got[key].shape == want[key].shape, key
-        if key == "logits" and DEVICE == "cpu":
+        if key == "logits" and DEVICE == "cpu":  # SPEC.md: 1e-4 absolute on the logits
             torch.testing.assert_close(got[key].float().cpu(), want[key].float().cpu(), **TOL,
                                        msg=lambda m: f"{family} {key}: {m}")
         else:
@@ -150,7 +157,7 @@ def test_interventions_give_the_same_logits(family, kind, hf_models, vllm_models
     # a random edit moves the logits far from anything trained; compare relative to
     # their scale as for activations (a few 1e-4 at |logit| ~ 20 on SmolLM2)
     assert_close_per_token(got, want, f"{family} {kind}")
-    assert (got.float() - clean.float()).abs().max() > 1e-3  # the edit did something
+    assert (got.float() - clean.float()).abs().max() > 1e-3  # the edit did something (10x ATOL on CPU)
 
 
 def test_writing_layers_output_leaves_the_model_on_exactly_that_value(vllm_models):
@@ -266,7 +273,7 @@ def test_close_frees_the_engine_and_a_second_engine_starts(tiny_dir):
     with StandardizedTransformer(tiny_dir("gpt2"), use_vllm=True, **engine_kwargs()) as second:
         with second.trace(PROMPT):
             b = second.logits.save()
-    torch.testing.assert_close(a.cpu(), b.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(a.cpu(), b.cpu(), atol=0, rtol=0)  # two engines, same kernels and input: exact
     assert _new_live_children(me, before) == []
 
 
@@ -294,4 +301,6 @@ def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenize
         got = run(Lens(), model, [PROMPT])["lens"]
     want = run(Lens(), hf, [PROMPT])["lens"]
     assert got.shape == want.shape == (1, hf.num_layers, 49157)
-    assert_close_per_token(got, want, "lens over a padded vocabulary")
+    # logits that agree within ATOL give probabilities within 2·ATOL of each p; an absolute
+    # ATOL would pass anything here, where every probability is about 1/49157
+    assert_close_per_token(got, want, "lens over a padded vocabulary", atol=0, token_rtol=2 * ATOL)
