@@ -307,8 +307,8 @@ class Plan:
         >>> graph = Lens(top_k=1) >> Steer(0, [1.0] * 4, scale=2) >> Read("logits")
         >>> print(lower(graph, spec, max_tokens=3))
         Plan: 2 layers, steps 0..2, outputs 'lens', 'logits'
-          layers[0].output       steer          2 * TensorValue(float32[4]) positions=all steps=all   # nodes[1]
           layers[0].output       lens           positions=-1 top_k=1 -> 'lens'   # nodes[0]
+          layers[0].output       steer          2 * TensorValue(float32[4]) positions=all steps=all   # nodes[1]
           layers[1].output       lens           positions=-1 top_k=1 -> 'lens'   # nodes[0]
           logits                 read           positions=-1 -> 'logits'   # nodes[2]
     """

@@ -86,11 +86,13 @@ class ModelSpec:
             (vLLM lacks `Grad` and `AttentionProbs`).
 
     Example:
+        >>> from nnterp.dsl import Grad
         >>> spec = ModelSpec(num_layers=30, hidden_size=576, num_heads=9, vocab_size=49152)
         >>> spec.backend, Grad in spec.supported
         ('hf', True)
-        >>> Grad in ModelSpec(30, 576, 9, 49152, backend="vllm").supported
-        False
+        >>> vllm = ModelSpec(30, 576, 9, 49152, backend="vllm")
+        >>> Grad in vllm.supported, vllm.limits.nodes["Grad"].why
+        (False, 'vLLM runs inference kernels that keep no autograd graph')
     """
 
     num_layers: int = attrs.field(validator=_positive_int)
