@@ -49,10 +49,9 @@ class ModulePaths:
     #: the MLP module sees the tokens flattened to ``[batch * seq, hidden]`` (OPT)
     mlp_flattens_tokens: bool = attrs.field(default=False, kw_only=True)
 
-    def module_path(self, kind: SiteKind, layer: int | str | None = None) -> str:
+    def module_path(self, kind: SiteKind, layer: int | None = None) -> str:
         """The dotted path of the module whose output (or input) is a site of ``kind``.
 
-        ``layer`` may be ``"*"``, which gives a pattern over every layer (nnsight's taps).
         Attention probabilities are computed inside the attention module. Logits are the
         whole model's output, so they have no module path of their own.
 

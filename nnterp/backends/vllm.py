@@ -22,6 +22,11 @@ Logits exist only where vLLM samples: the last position of each request. The
 ``logits`` accessor returns ``[1, 1, vocab]`` per request, so ``logits[:, -1]`` means the
 same on both backends.
 
+DSL plans do not go through nnsight by default: `VLLMBackend.execute` hands them to the
+batch-wide executor of `nnterp.backends.vllm_batch`, whose hooks nnterp's worker installs
+in every engine (and compiles into the model with ``cuda_graphs``). nnsight's per-request
+path stays for ``dsl_executor="nnsight"``, and for every ``trace``.
+
 On a machine without CUDA the engine runs on vLLM's CPU backend through
 `nnterp.backends.vllm_cpu`. vLLM itself is imported only inside functions.
 """
@@ -34,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from nnterp.backends.base import Backend
+from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.limits import VLLM as VLLM_LIMITS
 from nnterp.dsl.plan import Execution, Plan, Sampling
@@ -48,8 +54,9 @@ _HINT_NOT_HF = (
     f"{VLLM_LIMITS.nodes['Grad'].why}, and {VLLM_LIMITS.nodes['AttentionProbs'].why}; "
     "load the model with backend='hf' for them."
 )
-#: how the nnsight executor runs plans, as the run manifest records it
+#: how each executor runs plans, as the run manifest records it
 _EXECUTOR = "vllm/nnsight: one request per prompt, one intervention per request"
+_BATCHED = "vllm/batched: the whole plan in the engine's hooks, batch-wide"
 
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
                     "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
@@ -109,12 +116,13 @@ def _plain(value: Any) -> Any:
 
 
 #: What ``cuda_graphs=True`` serves: the residual stream after every layer, which is
-#: what `Steer`, `Lens` and most reads touch. Each served site is a break in the graph.
+#: what `Steer`, `Lens` and most reads touch. Each served site adds a few kernels per
+#: layer to the compiled graph, so name only the ones a workload touches.
 DEFAULT_GRAPH_SITES = ("layers_output",)
 
-#: Site kinds a CUDA-graph engine can serve through taps: the module sites (logits are
-#: served outside the graph, attention probabilities not at all).
-_GRAPHABLE = tuple(kind for kind in SiteKind if kind.in_dsl and kind is not SiteKind.LOGITS)
+#: Site kinds a CUDA-graph engine can serve: the module sites (logits are served outside
+#: the graph, attention probabilities not at all).
+_GRAPHABLE = HOOKABLE
 
 
 def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
@@ -132,23 +140,25 @@ def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
     return frozenset(valid[name] for name in names)
 
 
-def _tap_patterns(paths: ModulePaths, kinds: frozenset[SiteKind]) -> list[str]:
-    """nnsight tap patterns (module paths with ``*`` for the layer) for site kinds."""
-    return [f"{paths.module_path(kind, '*')}.{kind.side}" for kind in _GRAPHABLE if kind in kinds]
-
-
 class VLLMBackend(Backend):
-    """Standardized sites on an nnsight ``VLLM`` engine.
+    """Standardized sites on an nnsight ``VLLM`` engine, with two executors for plans.
+
+    ``execute`` runs a DSL plan batch-wide inside the engine
+    (`nnterp.backends.vllm_batch`): one set of hooks for every request, no per-request
+    Python. nnsight's executor (one intervention per request) remains for
+    ``dsl_executor="nnsight"``; traces (``trace``/``generate``) are nnsight's.
 
     Args:
         name_or_path: a Hugging Face model folder or hub id.
         paths: where the components live, for a family nnterp does not know.
         cuda_graphs: ``False`` (default) runs the engine eagerly, where every site is
-            served. ``True``, or a list of site names (``"layers_output"``,
-            ``"mlps_output"``, ...), replays CUDA graphs and serves only those sites
-            (``True``: ``layers_output``), through nnsight's taps; a GPU is needed.
-            Each served site breaks the graph once per layer, so name only the ones a
-            workload touches.
+            served to plans and to nnsight traces. ``True``, or a list of site names
+            (``"layers_output"``, ``"mlps_output"``, ...), compiles the model and replays
+            CUDA graphs as vanilla vLLM does, with nnterp's hooks on those sites
+            (``True``: ``layers_output``) compiled in; ``run`` serves only those sites,
+            and nnsight traces are refused (they need an eager engine). A GPU is needed.
+        dsl_executor: ``"batched"`` (default) or ``"nnsight"``: which executor runs
+            plans on an eager engine.
         **kwargs: engine arguments (``dtype``, ``max_model_len``,
             ``tensor_parallel_size``, ``gpu_memory_utilization``, ...). On CPU, defaults
             from `nnterp.backends.vllm_cpu.cpu_engine_kwargs` fill what is not given.
@@ -157,13 +167,21 @@ class VLLMBackend(Backend):
     limits = VLLM_LIMITS
 
     def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
-                 **kwargs: Any) -> None:
+                 dsl_executor: str = "batched", **kwargs: Any) -> None:
         # nnsight refuses vLLM's V2 model runner; make the default explicit so a user's
         # environment cannot pick it.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         from nnterp.backends import vllm_cpu
+        from nnterp.backends.vllm_batch import CONFIG_KEY, executor_config
 
         self.graph_kinds = graph_site_kinds(cuda_graphs)
+        if dsl_executor not in ("batched", "nnsight"):
+            raise ValueError(f"dsl_executor must be 'batched' or 'nnsight', got {dsl_executor!r}")
+        if dsl_executor == "nnsight" and self.graph_kinds is not None:
+            raise BackendUnsupportedError(
+                "dsl_executor='nnsight' needs an eager engine (nnsight's interventions run in Python "
+                "between modules); drop cuda_graphs, or use the batched executor")
+        self.dsl_executor = dsl_executor
         if "enforce_eager" in kwargs:
             raise TypeError("enforce_eager is set by nnterp: pass cuda_graphs=True (or site names) to "
                             "replay CUDA graphs, or leave it out for an eager engine")
@@ -175,9 +193,15 @@ class VLLMBackend(Backend):
                 "tensor_parallel_size=N instead (every rank then sees every layer)")
         if isinstance(kwargs.get("dtype"), torch.dtype):
             kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+        eager = self.graph_kinds is None
+        kwargs["additional_config"] = {
+            **(kwargs.get("additional_config") or {}),
+            CONFIG_KEY: executor_config(HOOKABLE if eager else tuple(sorted(self.graph_kinds, key=HOOKABLE.index)),
+                                        paths, eager),
+        }
         engine_cls = __getattr__("NnterpVLLM")
         if vllm_cpu.is_cpu_only():
-            if self.graph_kinds is not None:
+            if not eager:
                 raise BackendUnsupportedError(
                     "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
                     "there anyway); leave cuda_graphs out")
@@ -186,8 +210,8 @@ class VLLMBackend(Backend):
             self.model = vllm_cpu.load_cpu_vllm(name_or_path, engine_cls=engine_cls, **kwargs)
         else:
             kwargs.setdefault("enable_prefix_caching", False)
-            # Built undispatched first: the taps are module paths, found on the meta tree.
             self.model = engine_cls(name_or_path, dispatch=False, **kwargs)
+            self.model.compiled = not eager
         self._closed = False
         root = self.model._module
         model_type = getattr(self.model.config, "model_type", "?")
@@ -198,8 +222,6 @@ class VLLMBackend(Backend):
             raise ArchitectureNotSupportedError(mapping_error_message(model_type, type(root).__name__, problems))
         self._num_layers = len(resolve_path(root, self.paths.layers))
         if not self.model.dispatched:
-            if self.graph_kinds is not None:
-                self.model.taps = tuple(_tap_patterns(self.paths, self.graph_kinds))
             self.model.dispatch()
 
     # -- description -----------------------------------------------------------------
@@ -211,7 +233,7 @@ class VLLMBackend(Backend):
     # -- reading and writing ---------------------------------------------------------
 
     def served(self, kind: SiteKind) -> bool:
-        """Whether this engine serves ``kind`` (a CUDA-graph engine serves only its taps)."""
+        """Whether this engine serves ``kind`` (a CUDA-graph engine serves only its hooked sites)."""
         if kind in self.limits.sites:
             return False
         return kind is SiteKind.LOGITS or self.graph_kinds is None or kind in self.graph_kinds
@@ -298,6 +320,12 @@ class VLLMBackend(Backend):
     # -- running -------------------------------------------------------------------------
 
     def trace(self, *inputs: Any, **kwargs: Any):
+        if self.graph_kinds is not None:
+            raise BackendUnsupportedError(
+                "this engine was loaded with cuda_graphs for nnterp.dsl.run(): the model is compiled "
+                "and replayed as CUDA graphs, where nnsight's interventions cannot run. Load another "
+                "StandardizedTransformer(..., backend='vllm') without cuda_graphs for model.trace() "
+                "and model.generate()")
         if "max_new_tokens" in kwargs:
             kwargs["max_tokens"] = kwargs.pop("max_new_tokens")
         kwargs.setdefault("temperature", 0.0)
@@ -313,7 +341,43 @@ class VLLMBackend(Backend):
                           seed=seed, **kwargs)
 
     def execute(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
-        """Run a lowered plan: one request (invoke) per prompt, in one trace.
+        """Run a lowered plan on every prompt: batch-wide in the engine (the default), or
+        with nnsight, one request and one intervention per prompt."""
+        for site in plan.sites():
+            self._require(site.kind)
+        for prompt in prompts:
+            _check_prompt_length(self.model, prompt)
+        if self.dsl_executor == "batched":
+            return self._execute_batched(plan, prompts, sampling)
+        return self._execute_nnsight(plan, prompts, sampling)
+
+    def _execute_batched(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
+        """Install the plan in every worker, run the prompts as ordinary requests tagged
+        with their index, then collect what the workers recorded (`vllm_batch`)."""
+        import pickle
+        import uuid
+
+        from vllm import SamplingParams
+
+        from nnterp.backends.vllm_batch import expand_blocks, read_blocks
+
+        llm = self.model.vllm_entrypoint
+        plan_id = uuid.uuid4().hex
+        llm.collective_rpc("nnterp_install", args=(plan_id, pickle.dumps(plan)))
+        params = [SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                 top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]})
+                  for row in range(len(prompts))]
+        try:
+            outputs = llm.generate(list(prompts), sampling_params=params, use_tqdm=False)
+        finally:
+            # always: it also uninstalls the plan, so the engine is ready for the next
+            replies = llm.collective_rpc("nnterp_collect", args=(plan_id,))
+        blocks, stats = read_blocks(next(reply for reply in replies if reply is not None))
+        tokens = [output.outputs[0].token_ids for output in outputs]
+        return Execution(expand_blocks(plan, blocks), tokens, _BATCHED, stats=stats)
+
+    def _execute_nnsight(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
+        """One request (invoke) per prompt, in one nnsight trace.
 
         Each invoke's ops run in the engine's worker; results come back in ``store``, a
         dict saved above the invokes, which nnsight merges key by key across requests.
@@ -322,8 +386,6 @@ class VLLMBackend(Backend):
         """
         import nnsight
 
-        for site in plan.sites():
-            self._require(site.kind)
         steps = plan.max_step + 1
         with generation_may_end_early(), self.generate(
                 max_tokens=sampling.max_tokens, temperature=sampling.temperature,
@@ -523,8 +585,24 @@ def _build_engine_class() -> type:
     """
     from nnsight.modeling.vllm import VLLM
 
+    from nnterp.backends.vllm_batch import GPU_COMPILED_WORKER_CLS, GPU_WORKER_CLS
+
     class NnterpVLLM(VLLM):
         last_outputs: list = []
+        #: whether the engine compiles the model and replays CUDA graphs (set before
+        #: dispatch; nnsight's own engines are eager unless tapped)
+        compiled: bool = False
+        _WORKER_CLS = GPU_WORKER_CLS
+
+        def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
+            if not self.compiled:
+                return VLLM._load_sync(self, repo_id, **kwargs)
+            from vllm import LLM
+
+            # vLLM's own mode: torch.compile and CUDA graphs, with nnterp's hooks compiled
+            # in, on vLLM's own runner (nnsight builds tapped or eager engines only, and
+            # its per-module forwards cannot be compiled)
+            return LLM(repo_id, worker_cls=GPU_COMPILED_WORKER_CLS, enforce_eager=False, **kwargs)
 
         def _call(self, prompts: list, params: list, lora_requests: list, **kwargs: Any) -> Any:
             # nnsight's _call, without vLLM's "Processed prompts" bar: a library call

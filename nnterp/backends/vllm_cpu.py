@@ -138,7 +138,7 @@ def _empty_cache_noop(*args: Any, **kwargs: Any) -> None:
 
 
 @contextlib.contextmanager
-def cpu_meta_model_patch() -> Iterator[None]:
+def cpu_meta_model_patch(engine_cls: Any = None) -> Iterator[None]:
     """Context for constructing/dispatching an nnsight ``VLLM`` on CPU.
 
     Makes ``torch.accelerator.empty_cache`` a no-op (the meta-model build calls
@@ -155,7 +155,7 @@ def cpu_meta_model_patch() -> Iterator[None]:
     from nnsight.modeling.vllm import VLLM
 
     with mock.patch.object(torch.accelerator, "empty_cache", _empty_cache_noop), \
-            mock.patch.object(VLLM, "_WORKER_CLS", WORKER_CLS):
+            mock.patch.object(engine_cls or VLLM, "_WORKER_CLS", WORKER_CLS):
         yield
 
 
@@ -166,7 +166,7 @@ def load_cpu_vllm(model: str, engine_cls: Any = None, **kwargs: Any) -> Any:
 
     kwargs.setdefault("dispatch", True)
     bind_cpu_threads(int(kwargs.get("tensor_parallel_size") or 1))
-    with cpu_meta_model_patch():
+    with cpu_meta_model_patch(engine_cls):
         return (engine_cls or VLLM)(model, **cpu_engine_kwargs(**kwargs))
 
 
@@ -200,11 +200,14 @@ def _build(name: str) -> Any:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    class NNsightCPUModelRunner(NNsightGPUModelRunner, CPUModelRunner):
-        """nnsight's intervention hooks over vLLM's CPU model runner."""
+    from nnterp.backends.vllm_batch import NnterpRunnerMixin, NnterpWorkerMixin
 
-    class NNsightCPUWorker(NNsightGPUWorker, CPUWorker):
-        """vLLM's CPU worker, with nnsight's RPCs and model runner."""
+    class NNsightCPUModelRunner(NnterpRunnerMixin, NNsightGPUModelRunner, CPUModelRunner):
+        """nnsight's intervention hooks and nnterp's batch-wide executor over vLLM's CPU
+        model runner."""
+
+    class NNsightCPUWorker(NnterpWorkerMixin, NNsightGPUWorker, CPUWorker):
+        """vLLM's CPU worker, with nnsight's and nnterp's RPCs and model runner."""
 
         def init_device(self) -> None:
             # Skip NNsightGPUWorker.init_device: it insists on a GPUModelRunner.

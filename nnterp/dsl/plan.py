@@ -348,8 +348,11 @@ class Execution:
             ``(probs, token_ids)`` pair for a lens with ``top_k``.
         tokens: the token ids generated for each prompt, in prompt order.
         executor: which executor ran the plan (recorded in the run manifest).
+        stats: what the executor counted, for profiles and tests (e.g. the engine's
+            steps, chunked prompts and preemptions during the run).
     """
 
     values: Mapping[OutputKey, Any]
     tokens: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda rows: tuple(tuple(map(int, r)) for r in rows))
     executor: str
+    stats: Mapping[str, int] = attrs.field(factory=dict, kw_only=True)

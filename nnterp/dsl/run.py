@@ -215,6 +215,7 @@ def _manifest(graph: Graph, prompts: list[str], sampling: Sampling, model: Any,
         "model": model.identity(),
         "backend": model.backend,
         "executor": execution.executor,
+        "executor_stats": dict(execution.stats),
         "versions": _versions(),
     }
 

@@ -1,0 +1,637 @@
+"""The batch-wide vLLM executor: a whole `Plan` runs inside the engine, on every request.
+
+nnsight's vLLM integration gives each request its own intervention and resumes every
+one of them in Python at every step. A DSL plan needs none of that: it is known whole
+before the run and is the same for every request. So nnterp's worker runs it the way
+the engine runs its own layers, on the flat batch:
+
+1. **Hooks before anything is compiled or captured.** nnterp's model runner (a subclass
+   of nnsight's, so the same engine still serves ``model.trace()``) puts one PyTorch
+   hook on every hooked site right after ``load_model``, before vLLM's profiling run
+   compiles the model or captures CUDA graphs. A hook reads and writes only tensors at
+   fixed addresses (`_DeviceState`): per site and token an edit ``x -> a * x + b`` (``b``
+   a row of a vector table) and a destination row in a capture buffer. It contains no
+   ``.item()``, no ``.cpu()`` and no Python branch on data, so it compiles and replays.
+2. **One host-side fill per step.** After vLLM prepares a step's inputs, the runner
+   knows each token's request, absolute position and prompt length; the plan's
+   `nnterp.backends.batch_program.PlanProgram` turns them into the edit and capture
+   tables, which are copied to the device in one copy per table. A chunked prompt and a
+   recomputed (preempted) request are handled by position, not by step.
+3. **After the forward**, every captured row a read asked for is rebuilt as that read
+   saw it, and all lens rows are projected through the final norm and the model's own
+   ``compute_logits`` at once (under tensor parallelism every rank takes part in its
+   vocabulary gather). Logits are read and edited where the engine computes them, for
+   the requests that sample in the step.
+4. **Results** stay on the device until the client collects them by RPC at the end of
+   the run, keyed by `OutputKey`; the generated tokens come from the engine's outputs.
+
+The engine is told which sites to hook through ``additional_config`` (which also enters
+vLLM's compile-cache key, so a compiled model is never reused without its hooks). vLLM
+is imported only inside functions and in the worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+from nnterp.backends.batch_program import HOOKABLE, PlanProgram, TokenBatch, VectorTable
+from nnterp.dsl.plan import LensOp, OutputKey, PatchOp, Plan, ReadOp, ZeroOp
+from nnterp.rename import ModulePaths, paths_for, resolve_path
+from nnterp.sites import SiteKind
+
+__all__ = ["CONFIG_KEY", "executor_config", "ENGINE_INTERNALS"]
+
+#: The ``additional_config`` key that carries the hook layout to the workers.
+CONFIG_KEY = "nnterp_executor"
+#: Version of the hook layout, part of vLLM's compile-cache key.
+LAYOUT_VERSION = 1
+
+#: What the executor reads of vLLM's model runner (checked by a test, so a vLLM that
+#: renames one fails loudly instead of running plans wrongly).
+ENGINE_INTERNALS = {
+    "runner methods": ("load_model", "_update_states", "_prepare_inputs", "execute_model", "get_model"),
+    "input batch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
+    "scheduler output": ("num_scheduled_tokens", "scheduled_new_reqs", "finished_req_ids"),
+    "new request": ("req_id", "sampling_params", "prompt_token_ids"),
+}
+
+
+def executor_config(kinds: tuple[SiteKind, ...], paths: ModulePaths | None, eager: bool,
+                    vector_rows: int = 256, capture_bytes: int = 256 * 1024 * 1024) -> dict:
+    """The ``additional_config`` entry that makes nnterp's worker hook ``kinds``.
+
+    Args:
+        kinds: the site kinds to hook at every layer.
+        paths: the module paths, or None to find them from the model type.
+        eager: whether the engine runs eagerly (hooks may then skip idle sites).
+        vector_rows: rows of the edit-vector table.
+        capture_bytes: size of the capture buffer.
+    """
+    import attrs
+
+    return {
+        "version": LAYOUT_VERSION,
+        "sites": [kind.value for kind in kinds],
+        "paths": None if paths is None else attrs.asdict(paths),
+        "eager": eager,
+        "vector_rows": vector_rows,
+        "capture_bytes": capture_bytes,
+    }
+
+
+# -- the device side ---------------------------------------------------------------------
+
+
+class _DeviceState(torch.nn.Module):
+    """Fixed-address tables the hooks read; the host fills them before every step.
+
+    Attributes (buffers): ``scale[site, token]`` and ``row[site, token]`` (the edit
+    ``a * x + vector[row]``), ``dest[site, token]`` (the capture row; rows past
+    ``capacity`` are a dump, one per token, so writes never collide), ``vector``
+    (row 0 is zeros) and ``captured``.
+    """
+
+    def __init__(self, sites: int, tokens: int, hidden: int, vector_rows: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device, eager: bool) -> None:
+        super().__init__()
+        self.tokens, self.capacity, self.eager = tokens, capacity, eager
+        #: per site: whether the current step edits or reads there (eager engines only)
+        self.active = [False] * sites
+        self.register_buffer("scale", torch.ones(sites, tokens, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.register_buffer("row", torch.zeros(sites, tokens, dtype=torch.long, device=device), persistent=False)
+        dump = capacity + torch.arange(tokens, device=device)
+        self.register_buffer("dest", dump.repeat(sites, 1), persistent=False)
+        self.register_buffer("vector", torch.zeros(vector_rows, hidden, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("captured", torch.zeros(capacity + tokens, hidden, dtype=dtype, device=device),
+                             persistent=False)
+
+
+def _split(value: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden, residual) of a module's output or a layer's input; the stream is their sum."""
+    if isinstance(value, tuple):
+        residual = value[1] if len(value) > 1 and isinstance(value[1], torch.Tensor) else None
+        return value[0], residual
+    return value, None
+
+
+def _apply(state: _DeviceState, site: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+    # Capture the raw stream, then edit it in place: the graph reads its own memory, so
+    # an in-place edit is what a replayed CUDA graph sees.
+    n = hidden.shape[0]
+    stream = hidden if residual is None else hidden + residual
+    state.captured.index_copy_(0, state.dest[site, :n], stream)
+    scale = state.scale[site, :n, None].to(hidden.dtype)
+    hidden.mul_(scale).add_(state.vector[state.row[site, :n]])
+    if residual is not None:
+        residual.mul_(scale)
+
+
+def _after_module(site: int, module: torch.nn.Module, args: Any, output: Any) -> None:
+    state = module.nnterp_state
+    if state.eager and not state.active[site]:
+        return None
+    hidden, residual = _split(output)
+    _apply(state, site, hidden, residual)
+    return None
+
+
+def _before_layer(site: int, module: torch.nn.Module, args: tuple) -> None:
+    state = module.nnterp_state
+    if state.eager and not state.active[site]:
+        return None
+    # Llama-family layers take (positions, hidden, residual); GPT-2 blocks (hidden,)
+    at = next(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor) and arg.is_floating_point())
+    residual = args[at + 1] if at + 1 < len(args) and isinstance(args[at + 1], torch.Tensor) else None
+    _apply(state, site, args[at], residual)
+    return None
+
+
+# -- the runner --------------------------------------------------------------------------
+
+
+class _PlanRun:
+    """One installed plan: its program, its requests and what they recorded."""
+
+    def __init__(self, plan: Plan, program: PlanProgram) -> None:
+        self.plan, self.program = plan, program
+        #: engine request id -> (prompt index, prompt length)
+        self.requests: dict[str, tuple[int, int]] = {}
+        #: engine request id -> first position not yet recorded
+        self.recorded_to: dict[str, int] = {}
+        #: engine request id -> last step whose logits were recorded
+        self.logits_recorded: dict[str, int] = {}
+        #: op index -> list of (values on the device, [prompt, step, order] rows)
+        self.values: dict[int, list[tuple[Any, np.ndarray]]] = {}
+        #: what happened to the plan's requests: steps, chunked prompt passes, preemptions
+        self.stats = {"steps": 0, "prompt_chunks": 0, "preemptions": 0}
+
+    def keep(self, index: int, value: Any, meta: np.ndarray) -> None:
+        self.values.setdefault(index, []).append((value, meta))
+
+
+class _Staging:
+    """Host copies of the per-token tables, filled each step and copied to the device."""
+
+    def __init__(self, sites: int, tokens: int, dump: torch.Tensor, pin: bool) -> None:
+        self.scale = torch.ones(sites, tokens, dtype=torch.float32, pin_memory=pin)
+        self.row = torch.zeros(sites, tokens, dtype=torch.long, pin_memory=pin)
+        self.dest = dump.repeat(sites, 1)
+        if pin:
+            self.dest = self.dest.pin_memory()
+        self.copied = torch.cuda.Event() if pin else None
+        #: sites whose rows here are not neutral
+        self.dirty: set[int] = set()
+
+    def neutral(self, site: int, dump: torch.Tensor) -> None:
+        self.scale[site].fill_(1.0)
+        self.row[site].zero_()
+        self.dest[site].copy_(dump)
+
+
+class _Engine:
+    """nnterp's state in one worker: the hooked sites, the tables, the installed plan."""
+
+    @classmethod
+    def open(cls, runner: Any, config: dict) -> "_Engine | None":
+        """The executor for ``runner``'s model, or None when nnterp cannot map the model:
+        the client then refuses it with the list of what is missing, and the engine shuts
+        down cleanly instead of failing to start."""
+        from nnterp.rename import missing_paths
+
+        model = runner.get_model()
+        paths = (ModulePaths(**config["paths"]) if config.get("paths")
+                 else paths_for(getattr(runner.model_config.hf_config, "model_type", "?"), model))
+        if paths is None or missing_paths(model, paths):
+            return None
+        return cls(runner, config)
+
+    def __init__(self, runner: Any, config: dict) -> None:
+        self.runner = runner
+        model = runner.get_model()
+        self.model = model
+        hf_config = runner.model_config.hf_config
+        self.paths = (ModulePaths(**config["paths"]) if config.get("paths")
+                      else paths_for(getattr(hf_config, "model_type", "?"), model))
+        kinds = [SiteKind(name) for name in config["sites"]]
+        layers = resolve_path(model, self.paths.layers)
+        self.sites: list[tuple[SiteKind, int | None]] = []
+        for kind in sorted(kinds, key=HOOKABLE.index):
+            self.sites += [(kind, layer) for layer in range(len(layers))] if kind.per_layer else [(kind, None)]
+        self.site_index = {site: i for i, site in enumerate(self.sites)}
+        parameter = next(model.parameters())
+        hidden = int(getattr(getattr(hf_config, "text_config", hf_config), "hidden_size"))
+        tokens = int(runner.max_num_tokens) + 64  # room for the padding vLLM appends
+        itemsize = torch.empty((), dtype=parameter.dtype).element_size()
+        capacity = max(tokens, int(config["capture_bytes"]) // (hidden * itemsize))
+        self.state = _DeviceState(len(self.sites), tokens, hidden, int(config["vector_rows"]), capacity,
+                                  parameter.dtype, parameter.device, bool(config["eager"]))
+        for index, (kind, layer) in enumerate(self.sites):
+            # a layer's input and output are two sites of one module: the site is bound
+            # to the hook, the tables are the module's (shared) buffers
+            module = resolve_path(model, self.paths.module_path(kind, layer))
+            module.nnterp_state = self.state
+            if kind is SiteKind.LAYERS_INPUT:
+                module.register_forward_pre_hook(functools.partial(_before_layer, index))
+            else:
+                module.register_forward_hook(functools.partial(_after_module, index))
+        self.final_norm = resolve_path(model, self.paths.final_norm) if self.paths.final_norm else None
+        processor = getattr(model, "logits_processor", None)
+        if processor is not None:
+            processor.register_forward_hook(self._on_logits)
+        self.projecting = False
+        self.run: _PlanRun | None = None
+        self.plan_id: str | None = None
+        self.dirty: set[int] = set()
+        self.step_reads: list[tuple[np.ndarray, np.ndarray]] = []  # (capture rows, read table)
+        self.sampling: list[tuple[int, str, Any]] = []  # (logits row, request, actions)
+        n_sites, n_tokens = len(self.sites), tokens
+        pin = parameter.device.type == "cuda"
+        self.dump = capacity + torch.arange(n_tokens)
+        # two staging sets, used in turn: the host fills one while the copy from the
+        # other may still be in flight, so a step never waits for the previous one
+        self.stages = [_Staging(n_sites, n_tokens, self.dump, pin) for _ in range(2 if pin else 1)]
+        self.turn = 0
+
+    # -- plans ---------------------------------------------------------------------------
+
+    def install(self, plan_id: str, plan: Plan) -> None:
+        if self.run is not None:
+            raise RuntimeError(f"nnterp: plan {self.plan_id} is still running in this engine")
+
+        def write_row(row: int, vector: torch.Tensor) -> None:
+            if row >= self.state.vector.shape[0]:
+                raise OverflowError("vector table full")
+            self.state.vector[row].copy_(vector.to(self.state.vector.dtype))
+
+        vectors = VectorTable(self.state.vector.shape[0], write_row)
+        self.run, self.plan_id = _PlanRun(plan, PlanProgram(plan, self.site_index, vectors)), plan_id
+
+    def admit(self, scheduler_output: Any) -> None:
+        run = self.run
+        if run is None:
+            return
+        preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
+        run.stats["preemptions"] += sum(1 for rid in preempted if rid in run.requests)
+        for new in scheduler_output.scheduled_new_reqs:
+            tag = (new.sampling_params.extra_args or {}).get("nnterp") if new.sampling_params else None
+            if tag and tag[0] == self.plan_id:
+                run.requests[new.req_id] = (int(tag[1]), len(new.prompt_token_ids))
+                run.recorded_to[new.req_id] = 0
+
+    # -- one step ------------------------------------------------------------------------
+
+    def fill(self, num_scheduled: np.ndarray) -> None:
+        run, state = self.run, self.state
+        self.step_reads, self.sampling = [], []
+        if run is None and not self.dirty:
+            return  # nothing installed, and the tables are already neutral
+        batch = self.runner.input_batch
+        ids = list(batch.req_ids[: batch.num_reqs])
+        counts = np.asarray(num_scheduled[: len(ids)], dtype=np.int64)
+        n = int(counts.sum())
+        request = np.repeat(np.arange(len(ids)), counts)
+        starts = np.cumsum(counts) - counts
+        position = batch.num_computed_tokens_cpu[request].astype(np.int64) + (np.arange(n) - starts[request])
+        info = [run.requests.get(rid, (-1, 0)) if run else (-1, 0) for rid in ids]
+        prompt = np.array([i[0] for i in info], dtype=np.int64)[request]
+        length = np.array([i[1] for i in info], dtype=np.int64)[request]
+        recorded = np.array([run.recorded_to.get(rid, 0) if run else 0 for rid in ids], dtype=np.int64)
+        fresh = position >= recorded[request]
+        tokens = TokenBatch(prompt, position, length)
+        used = 0
+        touched: set[int] = set()
+        stage = self.stages[self.turn]
+        self.turn = (self.turn + 1) % len(self.stages)
+        if stage.copied is not None:
+            stage.copied.synchronize()  # its copy of two steps ago has left the staging
+        if run is not None and (prompt >= 0).any():
+            for site in run.program.site_ops:
+                result = run.program.site_step(site, tokens, fresh)
+                if result is None:
+                    continue
+                scale, rows, capture = result
+                stage.neutral(site, self.dump)
+                stage.scale[site, :n] = torch.from_numpy(scale)
+                stage.row[site, :n] = torch.from_numpy(rows)
+                if capture is not None:
+                    k = len(capture.tokens)
+                    if used + k > state.capacity:
+                        raise OverflowError(
+                            f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
+                            f"{state.capacity}; load the model with a larger capture buffer")
+                    stage.dest[site, torch.from_numpy(capture.tokens)] = torch.arange(used, used + k)
+                    reads = capture.reads.copy()
+                    reads[:, 5] += used
+                    self.step_reads.append(reads)
+                    used += k
+                touched.add(site)
+            run.stats["steps"] += 1
+            for row, (rid, last) in enumerate(zip(ids, np.cumsum(counts) - 1)):
+                if rid in run.recorded_to:
+                    prompt_length = run.requests[rid][1]
+                    first = int(position[last]) - int(counts[row]) + 1
+                    if first < prompt_length and int(position[last]) + 1 < prompt_length:
+                        run.stats["prompt_chunks"] += 1  # a prompt pass that ends before its prompt does
+                    run.recorded_to[rid] = max(run.recorded_to[rid], int(position[last]) + 1)
+            discard = self.runner.discard_request_mask.np[: len(ids)]
+            if run.program.logit_ops:
+                ends = np.cumsum(counts) - 1
+                for row, rid in enumerate(ids):
+                    if rid in run.requests and not discard[row]:
+                        prompt_row, prompt_length = run.requests[rid]
+                        last = int(position[ends[row]])
+                        step = max(0, last - prompt_length + 1)
+                        if run.logits_recorded.get(rid, -1) < step:
+                            run.logits_recorded[rid] = step
+                            actions = run.program.logit_actions(prompt_length, last)
+                            if actions:
+                                self.sampling.append((row, prompt_row, step, actions))
+        for site in stage.dirty - touched:  # back to neutral
+            stage.neutral(site, self.dump)
+        for site in touched | self.dirty:
+            state.active[site] = site in touched
+        if touched or self.dirty:
+            # whole tables, one copy each: a few MB, and the device never sees a stale row
+            state.scale.copy_(stage.scale, non_blocking=True)
+            state.row.copy_(stage.row, non_blocking=True)
+            state.dest.copy_(stage.dest, non_blocking=True)
+            if stage.copied is not None:
+                stage.copied.record()
+        stage.dirty = touched
+        self.dirty = touched
+
+    def after_forward(self) -> None:
+        run = self.run
+        if run is None or not self.step_reads:
+            return
+        table = np.concatenate(self.step_reads)
+        self.step_reads = []
+        device = self.state.captured.device
+        rows = torch.from_numpy(table[:, 5].astype(np.int64)).to(device, non_blocking=True)
+        scale = torch.from_numpy(table[:, 6].astype(np.float32)).to(device, self.state.captured.dtype,
+                                                                     non_blocking=True)
+        vector_rows = torch.from_numpy(table[:, 7].astype(np.int64)).to(device, non_blocking=True)
+        seen = self.state.captured[rows] * scale[:, None] + self.state.vector[vector_rows]
+        ops = table[:, 0].astype(np.int64)
+        meta = table[:, 1:4].astype(np.int64)  # prompt, step, order
+        lens_rows = np.flatnonzero([isinstance(run.plan.ops[i], LensOp) for i in ops])
+        for index in np.unique(ops):
+            if not isinstance(run.plan.ops[index], ReadOp):
+                continue
+            mine = np.flatnonzero(ops == index)
+            run.keep(int(index), seen[torch.from_numpy(mine).to(device)], meta[mine])
+        if len(lens_rows):
+            picked = seen[torch.from_numpy(lens_rows).to(device)]
+            probs = torch.softmax(self._project(picked).float(), dim=-1)
+            for index in np.unique(ops[lens_rows]):
+                op = run.plan.ops[index]
+                mine = np.flatnonzero(ops[lens_rows] == index)
+                values = probs[torch.from_numpy(mine).to(device)]
+                if op.top_k is not None:
+                    top = values.topk(op.top_k, dim=-1)
+                    values = (top.values, top.indices)
+                run.keep(int(index), values, meta[lens_rows[mine]])
+
+    def _project(self, rows: torch.Tensor) -> torch.Tensor:
+        x = rows
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            x = x[0] if isinstance(x, tuple) else x
+        self.projecting = True
+        try:
+            return self.model.compute_logits(x)
+        finally:
+            self.projecting = False
+
+    def _on_logits(self, module: Any, args: Any, logits: Any) -> Any:
+        if self.projecting or not self.sampling or logits is None:
+            return None
+        run = self.run
+        edited = False
+        for row, prompt_row, step, actions in self.sampling:
+            for index, op in actions:
+                if isinstance(op, ZeroOp):
+                    logits = logits.clone() if not edited else logits
+                    logits[row] = 0
+                    edited = True
+                elif isinstance(op, PatchOp):
+                    logits = logits.clone() if not edited else logits
+                    logits[row] = op.value.to_tensor().reshape(-1, logits.shape[-1])[0].to(logits)
+                    edited = True
+                else:
+                    run.keep(index, logits[row:row + 1].float().clone(), np.array([[prompt_row, step, 0]]))
+        self.sampling = []
+        return logits if edited else None
+
+    # -- results -------------------------------------------------------------------------
+
+    def collect(self, plan_id: str) -> bytes | None:
+        """Every recorded value, as one block per op: rows sorted by (prompt, step, order),
+        with their ``[prompt, step, order]`` table. Whole tensors, not one object per
+        prompt: a sweep of thousands of prompts and dozens of layers would otherwise
+        pickle hundreds of thousands of small tensors. A payload larger than
+        `_INLINE_BYTES` goes through a file in shared memory instead of the RPC."""
+        run = self.run
+        if run is None or plan_id != self.plan_id:
+            raise RuntimeError(f"nnterp: no plan {plan_id} in this engine")
+        self.run, self.plan_id = None, None
+        if self.state.captured.is_cuda:
+            torch.cuda.synchronize()
+        if not _reports():
+            return None
+        blocks = []
+        size = 0
+        for index, chunks in run.values.items():
+            meta = np.concatenate([m for _, m in chunks])
+            order = torch.from_numpy(np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0])))
+            if isinstance(chunks[0][0], tuple):
+                data: Any = tuple(torch.cat([c[0][i] for c in chunks])[order.to(chunks[0][0][i].device)].cpu()
+                                  for i in (0, 1))
+                size += sum(t.numel() * t.element_size() for t in data)
+            else:
+                data = torch.cat([c[0] for c in chunks])[order.to(chunks[0][0].device)].cpu()
+                size += data.numel() * data.element_size()
+            blocks.append((index, meta[order.numpy()], data))
+        payload = {"blocks": blocks, "stats": run.stats}
+        if size > _INLINE_BYTES:
+            import os
+            import tempfile
+
+            handle, path = tempfile.mkstemp(prefix="nnterp-", suffix=".pt", dir=_shared_memory_dir())
+            os.close(handle)
+            torch.save(payload, path)
+            return pickle.dumps({"file": path})
+        return pickle.dumps(payload)
+
+
+#: Results larger than this leave the worker through a file rather than the RPC, whose
+#: messages are copied through the engine process (about 300 MB/s seen on CPU).
+_INLINE_BYTES = 16 * 1024 * 1024
+
+
+def _shared_memory_dir() -> str | None:
+    import os
+
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def read_blocks(reply: bytes) -> tuple[list, dict]:
+    """The client's side of `_Engine.collect`: the blocks and stats of a worker's reply."""
+    import os
+
+    payload = pickle.loads(reply)
+    if "file" in payload:
+        path = payload["file"]
+        try:
+            payload = torch.load(path, weights_only=False)
+        finally:
+            os.remove(path)
+    return payload["blocks"], payload["stats"]
+
+
+def expand_blocks(plan: Plan, blocks: list) -> dict[OutputKey, Any]:
+    """Values keyed by `OutputKey` from sorted blocks, as views of the blocks' tensors."""
+    values: dict[OutputKey, Any] = {}
+    for index, meta, data in blocks:
+        op = plan.ops[index]
+        layer = op.layer if isinstance(op, LensOp) else None
+        # one int position: the value itself; a list or None: one row each
+        single = isinstance(op.positions, int)
+        keys = meta[:, :2]
+        starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+        counts = np.diff(np.r_[starts, len(keys)]).tolist()
+        tensors = (data,) if not isinstance(data, tuple) else data
+        pieces = [torch.split(t, counts) for t in tensors]
+        for g, start in enumerate(starts.tolist()):
+            parts = [p[g][0] if single else p[g] for p in pieces]
+            key = OutputKey(op.name, step=int(keys[start, 1]), prompt=int(keys[start, 0]), layer=layer)
+            values[key] = parts[0] if not isinstance(data, tuple) else tuple(parts)
+    return values
+
+
+def _reports() -> bool:
+    """Whether this worker returns results: tensor-parallel rank 0 only (they agree)."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:  # no process group: a single worker
+        return True
+
+
+class NnterpRunnerMixin:
+    """Adds the batch-wide executor to a vLLM model runner (first in the MRO).
+
+    It adds no constructor state: vLLM builds the runner, then the worker swaps its
+    class, so everything is created in `load_model`.
+    """
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)
+        config = (self.vllm_config.additional_config or {}).get(CONFIG_KEY)
+        self.nnterp = _Engine.open(self, config) if config else None
+
+    def _update_states(self, scheduler_output: Any) -> Any:
+        result = super()._update_states(scheduler_output)
+        if self.nnterp is not None:
+            self.nnterp.admit(scheduler_output)
+        return result
+
+    def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
+        if self.nnterp is not None:
+            counts = args[0] if args else kwargs.get("num_scheduled_tokens")
+            if counts is None:
+                ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+                counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in ids])
+            self.nnterp.fill(np.asarray(counts))
+        return out
+
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().execute_model(*args, **kwargs)
+        if self.nnterp is not None:
+            self.nnterp.after_forward()
+        return out
+
+    def nnterp_install(self, plan_id: str, payload: bytes) -> None:
+        self.nnterp.install(plan_id, pickle.loads(payload))
+
+    def nnterp_collect(self, plan_id: str) -> bytes | None:
+        return self.nnterp.collect(plan_id)
+
+
+class NnterpWorkerMixin:
+    """The RPCs the client calls on every worker (``LLM.collective_rpc``)."""
+
+    def nnterp_install(self, plan_id: str, payload: bytes) -> None:
+        return self.model_runner.nnterp_install(plan_id, payload)
+
+    def nnterp_collect(self, plan_id: str) -> bytes | None:
+        return self.model_runner.nnterp_collect(plan_id)
+
+
+def _build_gpu_classes() -> dict[str, type]:
+    from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
+    from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    class NnterpGPUModelRunner(NnterpRunnerMixin, NNsightGPUModelRunner):
+        """nnsight's GPU model runner with nnterp's batch-wide executor (eager engines)."""
+
+    class NnterpGPUWorker(NnterpWorkerMixin, NNsightGPUWorker):
+        """nnsight's GPU worker, whose runner also runs nnterp's plans."""
+
+        def init_device(self) -> None:
+            NNsightGPUWorker.init_device(self)
+            self.model_runner.__class__ = NnterpGPUModelRunner
+
+    class NnterpCompiledGPUModelRunner(NnterpRunnerMixin, GPUModelRunner):
+        """vLLM's own GPU model runner with nnterp's executor, for compiled engines.
+
+        Without nnsight's runner: nnsight replaces every module's ``forward`` with its own
+        callable, which vLLM's compiler cannot key its cache on, and its interventions
+        could not run inside replayed graphs anyway.
+        """
+
+    class NnterpCompiledGPUWorker(NnterpWorkerMixin, Worker):
+        """vLLM's GPU worker whose runner runs nnterp's plans, compiled into the model."""
+
+        def init_device(self) -> None:
+            Worker.init_device(self)
+            runner = self.model_runner
+            if type(runner) is not GPUModelRunner:
+                raise NotImplementedError(
+                    f"nnterp's executor extends vLLM's GPUModelRunner, got {type(runner).__name__}; "
+                    "unset VLLM_USE_V2_MODEL_RUNNER")
+            runner.__class__ = NnterpCompiledGPUModelRunner
+
+    classes = {cls.__name__: cls for cls in (NnterpGPUModelRunner, NnterpGPUWorker,
+                                             NnterpCompiledGPUModelRunner, NnterpCompiledGPUWorker)}
+    for name, cls in classes.items():
+        cls.__module__, cls.__qualname__ = __name__, name
+    return classes
+
+
+#: the worker classes vLLM builds in each GPU worker process, by qualified name
+GPU_WORKER_CLS = f"{__name__}.NnterpGPUWorker"
+GPU_COMPILED_WORKER_CLS = f"{__name__}.NnterpCompiledGPUWorker"
+_GPU_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use (they import vLLM's GPU worker), as module attributes so that
+    # vLLM's worker process finds them by qualified name.
+    if name in ("NnterpGPUModelRunner", "NnterpGPUWorker", "NnterpCompiledGPUModelRunner",
+                "NnterpCompiledGPUWorker"):
+        if not _GPU_CLASSES:
+            _GPU_CLASSES.update(_build_gpu_classes())
+        return _GPU_CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

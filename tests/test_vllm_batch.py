@@ -1,0 +1,214 @@
+"""The batch-wide vLLM executor: host tables without an engine, then real engines on CPU.
+
+The host side (`nnterp.backends.batch_program`) is plain arithmetic, tested here against
+hand-computed tables: edits compose in graph order, a read sees exactly the edits that
+precede it, a recomputed token is edited again but never recorded twice, and a prompt
+split into chunks gives the same tables as in one piece. The engine tests run the
+executor where vLLM's scheduler does what the tables must survive: chunked prefill,
+preemption with recompute (forced with a tiny KV cache), ragged prompts and early
+ends, against the nnsight executor and HF. A last test fails loudly if vLLM renames an
+internal the executor reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from nnterp.backends.batch_program import PlanProgram, TokenBatch, VectorTable, position_matches
+from nnterp.dsl import Graph, Lens, ModelSpec, Patch, Read, Sampling, Steer, Zero, run
+from nnterp.dsl.lowering import lower
+from nnterp.sites import SiteKind
+
+SPEC = ModelSpec(num_layers=2, hidden_size=4, num_heads=1, vocab_size=10)
+SITES = {(kind, layer): i for i, (kind, layer) in enumerate(
+    [(SiteKind.LAYERS_OUTPUT, 0), (SiteKind.LAYERS_OUTPUT, 1), (SiteKind.MLPS_OUTPUT, 0)])}
+
+
+def _program(graph: Graph, max_tokens: int = 1):
+    written = {}
+    vectors = VectorTable(64, lambda row, vector: written.__setitem__(row, vector))
+    return PlanProgram(lower(graph, SPEC, max_tokens=max_tokens), SITES, vectors), written
+
+
+def _tokens(prompt, position, length):
+    return TokenBatch(np.array(prompt), np.array(position), np.array(length))
+
+
+# -- host tables -------------------------------------------------------------------------
+
+
+def test_steps_and_positions_follow_from_position_and_prompt_length():
+    tokens = _tokens([0, 0, 0, 1, 1], [0, 3, 4, 1, 6], [4, 4, 4, 2, 2])
+    assert tokens.step.tolist() == [0, 0, 1, 0, 5]
+    masks = dict(position_matches((0, -1), tokens))
+    assert masks[0].tolist() == [True, False, False, False, False]
+    assert masks[1].tolist() == [False, True, False, True, False]  # prompt positions only
+    # -1 alone is a prompt's last token, and at a generation step the one new token
+    ((_, last),) = position_matches(-1, tokens)
+    assert last.tolist() == [False, True, True, True, True]
+    ((order, every),) = position_matches(None, tokens)
+    assert order == -1 and every.all()
+
+
+def test_edits_compose_in_graph_order_and_reads_see_only_earlier_edits():
+    v, w = [1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0]
+    graph = (Read("layers[0].output", name="clean") >> Steer(0, v, scale=2.0)
+             >> Read("layers[0].output", name="steered", positions=None)
+             >> Patch("layers[0].output", value=w, positions=[1]) >> Steer(0, v))
+    program, written = _program(graph)
+    tokens = _tokens([0, 0, 0], [0, 1, 2], [3, 3, 3])
+    scale, rows, capture = program.site_step(0, tokens, np.ones(3, dtype=bool))
+    # position 1 is patched (then steered by v once); the others are steered by 2v + v
+    assert scale.tolist() == [1.0, 0.0, 1.0]
+    assert torch.equal(written[rows[0]], torch.tensor([3.0, 6.0, 9.0, 12.0]))
+    assert torch.equal(written[rows[1]], torch.tensor([11.0, 2.0, 3.0, 4.0]))
+    assert rows[0] == rows[2]
+    assert capture.tokens.tolist() == [0, 1, 2]
+    reads = {(int(r[0]), int(r[4])): (r[6], int(r[7])) for r in capture.reads}
+    clean, steered = 0, 2  # op indices in the plan (graph order at one site)
+    assert reads[(clean, 2)] == (1.0, 0)  # the clean read: no edit before it
+    a, row = reads[(steered, 1)]
+    assert a == 1.0 and torch.equal(written[row], torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    assert program.site_step(1, tokens, np.ones(3, dtype=bool)) is None  # nothing at layer 1
+
+
+def test_a_recomputed_token_is_edited_again_but_not_recorded_again():
+    program, _ = _program(Steer(0, [1.0] * 4) >> Read("layers[0].output", positions=None, steps="all"),
+                          max_tokens=4)
+    tokens = _tokens([0, 0, 0, 0], [0, 1, 2, 3], [2, 2, 2, 2])
+    first = program.site_step(0, tokens, np.ones(4, dtype=bool))
+    again = program.site_step(0, tokens, np.array([False, False, False, True]))  # recorded up to 3
+    assert first[1].tolist() == again[1].tolist() and (again[1] > 0).all()
+    assert again[2].tokens.tolist() == [3]
+
+
+def test_a_prompt_in_chunks_gives_the_tables_of_the_whole_prompt():
+    graph = Zero("mlps[0].output", positions=[1, -1]) >> Lens(positions=None) >> Steer(1, [1.0] * 4, positions=[0])
+    program, _ = _program(graph)
+    whole = _tokens([0] * 5, list(range(5)), [5] * 5)
+    parts = [_tokens([0] * 2, [0, 1], [5] * 2), _tokens([0] * 3, [2, 3, 4], [5] * 3)]
+    for site in (0, 1, 2):
+        full = program.site_step(site, whole, np.ones(5, dtype=bool))
+        pieces = [program.site_step(site, part, np.ones(len(part.position), dtype=bool)) for part in parts]
+        assert np.concatenate([p[0] for p in pieces]).tolist() == full[0].tolist()
+        assert np.concatenate([p[1] for p in pieces]).tolist() == full[1].tolist()
+
+
+def test_other_requests_are_left_alone():
+    program, _ = _program(Steer(0, [1.0] * 4) >> Read("layers[0].output"))
+    tokens = _tokens([-1, 0, -1], [4, 2, 0], [5, 3, 1])
+    scale, rows, capture = program.site_step(0, tokens, np.ones(3, dtype=bool))
+    assert rows[0] == 0 and rows[2] == 0 and rows[1] > 0
+    assert capture.tokens.tolist() == [1]
+
+
+# -- engines -----------------------------------------------------------------------------
+
+vllm_only = [pytest.mark.vllm, pytest.mark.slow]
+PROMPTS = ["The capital of France is", "One, two, three, four, five, six, seven, eight, nine,",
+           "Hi there", "A long time ago in a galaxy far, far away, there lived a"]
+
+
+def _graph(model):
+    v = 0.5 * torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(3))
+    return (Read("layers[0].output", positions=None, name="prompt") >> Steer(1, v, scale=2.0)
+            >> Patch("mlps[0].output", value=torch.zeros(model.hidden_size), positions=[1])
+            >> Read("layers[1].output", steps="all", name="steered") >> Lens(layers=[0, -1], top_k=3, steps="all")
+            >> Read("logits", steps="all"))
+
+
+def _close(got, want, what, atol):
+    if isinstance(want, (list, tuple)):
+        assert len(got) == len(want), what
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{what}[{i}]", atol)
+        return
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    if got.dtype.is_floating_point:
+        torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=what)
+    else:
+        assert torch.equal(got, want), what
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_batched_and_nnsight_executors_and_hf_agree(family, vllm_models, hf_models, tiny_dir):
+    from nnterp import StandardizedTransformer
+
+    model, hf = vllm_models(family), hf_models(family)
+    sampling = Sampling(max_tokens=6)
+    batched = run(_graph(model), model, PROMPTS, sampling=sampling)
+    assert batched.manifest["executor"].startswith("vllm/batched")
+    reference = run(_graph(model), hf, PROMPTS, sampling=sampling)
+    assert batched.tokens == reference.tokens
+    for name in reference.keys():
+        # float32 on both sides, different kernels: the parity tolerance of the backend
+        # tests (SPEC: 1e-4); probabilities are bounded by it too
+        _close(batched[name], reference[name], name, atol=1e-4)
+    if family == "llama":
+        with StandardizedTransformer(tiny_dir(family), backend="vllm", dsl_executor="nnsight",
+                                     dtype="float32") as old:
+            nnsight = run(_graph(old), old, PROMPTS, sampling=sampling)
+        assert nnsight.manifest["executor"].startswith("vllm/nnsight")
+        assert nnsight.tokens == batched.tokens
+        for name in reference.keys():
+            _close(batched[name], nnsight[name], name, atol=1e-5)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_chunked_prefill_and_preemption_give_the_same_results(vllm_models, tiny_dir):
+    """A tiny KV cache and a 16-token step budget: vLLM splits the prompts across steps and
+    preempts requests, then prefills them again. Results must not change."""
+    from nnterp import StandardizedTransformer
+
+    plain = vllm_models("llama")
+    sampling = Sampling(max_tokens=32)
+    want = run(_graph(plain), plain, PROMPTS, sampling=sampling)
+    with StandardizedTransformer(tiny_dir("llama"), backend="vllm", dtype="float32",
+                                 enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=4,
+                                 block_size=32, num_gpu_blocks_override=6, max_model_len=128) as tight:
+        got = run(_graph(tight), tight, PROMPTS, sampling=sampling)
+    stats = got.manifest["executor_stats"]
+    # the settings must have forced both, or this test would pass without testing them
+    assert stats["prompt_chunks"] > 0 and stats["preemptions"] > 0, stats
+    assert got.tokens == want.tokens
+    for name in want.keys():
+        _close(got[name], want[name], name, atol=1e-5)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_one_engine_serves_nnsight_traces_and_batched_runs(vllm_models):
+    model = vllm_models("llama")
+    with model.trace("The capital of France is"):
+        traced = model.layers_output[1].save()
+    ran = run(Read("layers[1].output", positions=None), model, "The capital of France is")
+    assert torch.equal(ran["layers[1].output"][0], traced[0])
+
+
+def test_the_vllm_internals_the_executor_reads_are_there():
+    pytest.importorskip("vllm")
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from nnterp.backends.vllm_batch import ENGINE_INTERNALS
+
+    for name in ENGINE_INTERNALS["runner methods"]:
+        assert callable(getattr(GPUModelRunner, name, None)), f"GPUModelRunner.{name} is gone"
+    assert list(inspect.signature(GPUModelRunner._prepare_inputs).parameters)[1:3] == [
+        "scheduler_output", "num_scheduled_tokens"]
+    batch_source = inspect.getsource(InputBatch)
+    for name in ENGINE_INTERNALS["input batch"]:
+        assert f"self.{name}" in batch_source or f"def {name}" in batch_source, f"InputBatch.{name} is gone"
+    fields = {f.name for f in __import__("dataclasses").fields(SchedulerOutput)}
+    assert set(ENGINE_INTERNALS["scheduler output"]) <= fields
+    new_fields = {f.name for f in __import__("dataclasses").fields(NewRequestData)}
+    assert set(ENGINE_INTERNALS["new request"]) <= new_fields
+    assert "discard_request_mask" in inspect.getsource(GPUModelRunner._prepare_inputs)
