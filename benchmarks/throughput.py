@@ -1,31 +1,37 @@
 """Throughput of nnterp against its anchors: every workload on every system, in one process.
 
-Workloads (sizes per preset; the GPU presets use the sizes of issue 7):
+Workloads (sizes per preset; the GPU presets use the sizes of issue 13, so that each
+timed run lasts seconds):
 
 * ``steer``: greedy generation with a vector added to a middle layer's output at every
-  position and every step (GPU: 64 prompts of 32 tokens, 128 new tokens each);
-* ``lens``: the logit lens over all layers at the last position, top-5 (GPU: 256 prompts);
-* ``collect``: the last-token residual stream of every layer (GPU: 1,024 prompts).
+  position and every step (GPU: 256 prompts of 32 tokens, 128 new tokens each);
+* ``steer-all``: the same with the vector added to every layer (DSL systems);
+* ``lens``: the logit lens over all layers at the last position, top-5 (GPU: 4,096 prompts);
+* ``collect``: the last-token residual stream of every layer (GPU: 8,192 prompts).
 
 Systems:
 
-* ``vllm-graphs``, ``vllm-eager``: vanilla vLLM, no intervention (the ceiling), with CUDA
-  graphs and eager; for lens and collect, one generated token per prompt;
-* ``hf``: vanilla transformers, no intervention (the floor): ``generate`` for steer, one
-  batched forward pass for lens and collect;
-* ``dsl-vllm``, ``dsl-hf``: ``nnterp.dsl.run`` on each backend;
-* ``nnsight-vllm``, ``nnsight-hf``: the same work written by hand against nnsight and the
-  model's own module paths, the way an experienced nnsight user writes it (values kept
-  on the device, in-place edits);
-* ``...-graphs`` variants of the two vLLM ones: the engine replays CUDA graphs and serves
-  the residual stream through nnsight taps (``cuda_graphs=True`` in nnterp);
-* ``...-tp2``: the same at tensor parallel 2 (``--tp2``, needs two GPUs).
+* ``vllm-graphs`` (GPU), ``vllm-eager`` (CPU): vanilla vLLM, no intervention (the
+  ceiling); for lens and collect, one generated token per prompt;
+* ``hf``: vanilla transformers, no intervention: ``generate`` for steer, one batched
+  forward pass for lens and collect;
+* ``dsl-vllm-graphs`` (GPU): ``nnterp.dsl.run`` on a compiled engine replaying CUDA
+  graphs (``cuda_graphs=True``), with the batch-wide executor's hooks compiled in;
+* ``dsl-vllm``: the same on an eager engine; ``dsl-vllm-nnsight``: the eager engine
+  with the old executor (``dsl_executor="nnsight"``: one intervention per request);
+* ``dsl-hf``: ``run`` on the HF backend;
+* ``nnsight-vllm`` (and ``nnsight-hf`` when named in ``--systems``): the same work written
+  by hand against nnsight;
+* ``...-tp2``: steer at tensor parallel 2 (``--tp2``, needs two GPUs), with NVLink
+  multicast kept off for vanilla and nnterp alike (`TP_SAFE_CONFIG`, `TP_SAFE_ENV`).
 
-Every system is timed after a warm-up on the same prompts, ``--repeats`` times (median).
-Generated tokens are compared between each nnterp system and its hand-written twin, so a
-ratio never compares different work. Results go to ``OUT/throughput-<preset>.json`` and
-``.md``. Models are built on the machine: random-weight Llama configurations (``1b``,
-``8b``), saved once under ``--models``; the ``cpu`` preset uses the bundled SmolLM2.
+The slow systems (per-request nnsight, HF) run a share of each workload
+(`SLOW_SHARE`); rates are per token or prompt. Every system is timed after a warm-up on
+the same prompts, ``--repeats`` times (median, default 3). Generated tokens are compared
+between systems that do the same work. Results go to ``OUT/throughput-<preset>.json``
+and ``.md``. Models are built on the machine: random-weight Llama configurations
+(``1b``, ``8b``), saved once under ``--models``; the ``cpu`` preset uses the bundled
+SmolLM2.
 
 Run: ``python -m benchmarks.throughput --preset 1b --out results`` on a GPU host;
 ``make bench`` runs ``--preset cpu``, a few minutes on two cores.
@@ -59,11 +65,23 @@ LLAMA_SHAPES = {
                num_key_value_heads=8),
 }
 
+#: Workload sizes: steer (prompts, prompt tokens, new tokens), lens and collect (prompts,
+#: prompt tokens). The GPU sizes make every timed run last seconds (issue 13).
 PRESETS = {
-    "1b": dict(model="1b", dtype="bfloat16", steer=(64, 32, 128), lens=(256, 32), collect=(1024, 32)),
-    "8b": dict(model="8b", dtype="bfloat16", steer=(64, 32, 128), lens=(256, 32), collect=(1024, 32)),
+    "1b": dict(model="1b", dtype="bfloat16", steer=(256, 32, 128), lens=(4096, 32), collect=(8192, 32)),
+    "8b": dict(model="8b", dtype="bfloat16", steer=(256, 32, 128), lens=(4096, 32), collect=(8192, 32)),
     "cpu": dict(model="bundled", dtype="float32", steer=(4, 16, 8), lens=(8, 16), collect=(16, 16)),
 }
+#: The share of each workload the slow systems (nnsight per-request interventions) run:
+#: their rate is per prompt or token, so a smaller run measures it in less device time.
+SLOW_SHARE = {"1b": 0.125, "8b": 0.125, "cpu": 1.0}
+
+#: Settings for every tensor-parallel engine on the GPU hosts, vanilla and nnterp alike:
+#: vLLM 0.26 at TP > 1 picks FlashInfer's all-reduce + RMSNorm fusion, whose "mnnvl"
+#: backend builds NVLink multicast objects, which these hosts must never use.
+TP_SAFE_CONFIG = {"pass_config": {"fuse_allreduce_rms": False}}
+TP_SAFE_ENV = {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+               "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 TOP_K = 5
 
@@ -189,10 +207,11 @@ def hand_hf_collect(nn: Any, prompts: list[str], layers: int) -> list:
 
 # -- nnterp DSL -------------------------------------------------------------------------
 
-def dsl_steer(model: Any, prompts: list[str], layer: int, vector: torch.Tensor, n_tokens: int) -> list:
-    from nnterp.dsl import Sampling, Steer, run
+def dsl_steer(model: Any, prompts: list[str], layer: int | list[int], vector: torch.Tensor, n_tokens: int) -> list:
+    from nnterp.dsl import Graph, Sampling, Steer, run
 
-    return run(Steer(layer, vector), model, prompts, sampling=Sampling(max_tokens=n_tokens)).tokens
+    layers = [layer] if isinstance(layer, int) else layer
+    return run(Graph([Steer(i, vector) for i in layers]), model, prompts, sampling=Sampling(max_tokens=n_tokens)).tokens
 
 
 def dsl_lens(model: Any, prompts: list[str], layers: int) -> Any:
@@ -267,7 +286,7 @@ class Bench:
             median = statistics.median(seconds)
             count = units(result)
             row.update(seconds=median, all_seconds=seconds, count=count, rate=count / median)
-            if workload == "steer":
+            if workload.startswith("steer"):
                 self.tokens[(workload, system)] = result
         except Exception as error:  # a failing system is reported, and the others still run
             row.update(error=_first_line(error))
@@ -294,36 +313,39 @@ class Bench:
         return None
 
     def ratios(self) -> list[dict]:
-        """The targets of issue 7, as measured in this run."""
+        """The targets of issue 13, as measured in this run."""
         found = []
 
         def ratio(name: str, num: tuple[str, str], den: tuple[str, str], target: float) -> None:
             a, b = self.rate(*num), self.rate(*den)
+            if a is None and b is None:
+                return
             value = a / b if a and b else None
             found.append({"ratio": name, "numerator": "/".join(num), "denominator": "/".join(den),
                           "value": value, "target": target, "met": value is not None and value >= target})
 
-        best = max((s for s in ("dsl-vllm", "dsl-vllm-graphs") if self.rate("steer", s)),
-                   key=lambda s: self.rate("steer", s), default="dsl-vllm")
-        ratio("steer: DSL-vLLM / DSL-HF", ("steer", best), ("steer", "dsl-hf"), 10.0)
-        ratio("steer: DSL-vLLM / vanilla vLLM (CUDA graphs)", ("steer", best), ("steer", "vllm-graphs"), 0.5)
+        ratio("steer, one layer: DSL / vanilla vLLM (graphs)", ("steer", "dsl-vllm-graphs"), ("steer", "vllm-graphs"), 0.90)
+        ratio("steer, every layer: DSL / vanilla vLLM (graphs)", ("steer-all", "dsl-vllm-graphs"),
+              ("steer", "vllm-graphs"), 0.75)
+        for workload in ("lens", "collect"):
+            ratio(f"{workload}: DSL / vanilla vLLM (graphs)", (workload, "dsl-vllm-graphs"), (workload, "vllm-graphs"), 0.80)
+            ratio(f"{workload}: DSL-vLLM / vanilla HF", (workload, "dsl-vllm-graphs"), (workload, "hf"), 1.0)
+            ratio(f"{workload}: DSL-HF / vanilla HF", (workload, "dsl-hf"), (workload, "hf"), 0.80)
+        ratio("steer, TP=2: DSL / vanilla vLLM (graphs)", ("steer", "dsl-vllm-graphs-tp2"), ("steer", "vllm-graphs-tp2"), 0.85)
         for workload in ("steer", "lens", "collect"):
-            for dsl, hand in (("dsl-hf", "nnsight-hf"), ("dsl-vllm", "nnsight-vllm"),
-                              ("dsl-vllm-graphs", "nnsight-vllm-graphs"),
-                              ("dsl-vllm-tp2", "nnsight-vllm-tp2")):
-                if self.rate(workload, dsl) or self.rate(workload, hand):
-                    ratio(f"{workload}: {dsl} / {hand}", (workload, dsl), (workload, hand), 0.95)
+            ratio(f"{workload}: batched / nnsight executor (eager engine)", (workload, "dsl-vllm"),
+                  (workload, "dsl-vllm-nnsight"), 1.0)
         return found
 
     def agreement(self) -> list[dict]:
-        pairs = [("dsl-hf", "nnsight-hf"), ("dsl-vllm", "nnsight-vllm"), ("dsl-vllm-graphs", "nnsight-vllm-graphs"),
-                 ("dsl-vllm", "dsl-vllm-graphs"), ("vllm-eager", "vllm-graphs")]
+        pairs = [("dsl-hf", "nnsight-hf"), ("dsl-vllm", "nnsight-vllm"), ("dsl-vllm", "dsl-vllm-graphs"),
+                 ("dsl-vllm", "dsl-vllm-nnsight"), ("vllm-eager", "vllm-graphs"), ("dsl-vllm-graphs", "dsl-hf")]
         found = []
         for a, b in pairs:
             ta, tb = self.tokens.get(("steer", a)), self.tokens.get(("steer", b))
             if ta is not None and tb is not None:
                 same = sum(x == y for x, y in zip(ta, tb))
-                found.append({"pair": f"{a} vs {b}", "identical_generations": same, "of": len(ta)})
+                found.append({"pair": f"{a} vs {b}", "identical_generations": same, "of": min(len(ta), len(tb))})
         return found
 
     def write(self) -> None:
@@ -417,33 +439,30 @@ def _wait_for_gpu_memory(fraction: float = 0.8, timeout: float = 60.0) -> None:
 
 def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts: list[str], layer: int,
                     vector: torch.Tensor, n_tokens: int, generated: Callable) -> None:
-    """Steering at tensor parallel 2: the DSL (taps, and eager), then vanilla vLLM (CUDA graphs).
-
-    The DSL runs first: on the 2-GPU H100 host, vanilla vLLM 0.26's compiled engine at
-    TP=2 crashed in its start-up profiling run (cuBLAS internal error, then an illegal
-    memory access in its symmetric-memory all-reduce), and took the time of the run with it.
-    """
+    """Steering at tensor parallel 2: the DSL on a compiled engine, then vanilla vLLM, both
+    with the settings that keep NVLink multicast off (`TP_SAFE_CONFIG`, `TP_SAFE_ENV`)."""
     from vllm import LLM
 
     from nnterp import StandardizedTransformer
 
+    for key, value in TP_SAFE_ENV.items():
+        os.environ[key] = value  # read by the engine processes, which inherit them
+    config = {**sizes.get("compilation_config", {}), **TP_SAFE_CONFIG}
     few = prompts[:8]
-    for system, graphs in (("dsl-vllm-graphs-tp2", True), ("dsl-vllm-tp2", False)):
-        try:
-            model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, tensor_parallel_size=2,
-                                            **engine, **(sizes if graphs else {}))
-        except Exception as error:
-            bench.failed("steer", system, error)
-            continue
-        bench.time("steer", system, lambda: dsl_steer(model, prompts, layer, vector, n_tokens),
+    try:
+        model = StandardizedTransformer(path, backend="vllm", cuda_graphs=True, tensor_parallel_size=2,
+                                        **engine, compilation_config=config)
+        bench.time("steer", "dsl-vllm-graphs-tp2", lambda: dsl_steer(model, prompts, layer, vector, n_tokens),
                    lambda: dsl_steer(model, few, layer, vector, 8), generated, "tok")
         model.close()
         del model
-        _free()
-        _wait_for_gpu_memory()
-    os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)
+    except Exception as error:
+        bench.failed("steer", "dsl-vllm-graphs-tp2", error)
+    _free()
+    _wait_for_gpu_memory()
     try:
-        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, **engine, **sizes)
+        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, compilation_config=config,
+                  **engine)
         bench.time("steer", "vllm-graphs-tp2", lambda: vllm_generate(llm, prompts, n_tokens),
                    lambda: vllm_generate(llm, few, 8), generated, "tok")
         _shutdown_llm(llm)
@@ -477,7 +496,7 @@ def main() -> None:
 
     preset = PRESETS[args.preset]
     gpu = torch.cuda.is_available()
-    repeats = args.repeats or (1 if gpu else 3)
+    repeats = args.repeats or 3
     if preset["model"] == "bundled":
         path = nnterp.bundled_model_path()
     else:
@@ -519,15 +538,23 @@ def main() -> None:
     if gpu:
         engine.update(gpu_memory_utilization=args.gpu_memory, max_model_len=512)
 
-    def workloads(system: str, steer: Callable, lens: Callable, collect: Callable) -> None:
-        """Time one system on the three workloads; ``steer(prompts, n_tokens)``, ``lens(prompts)``."""
+    def workloads(system: str, steer: Callable, lens: Callable, collect: Callable, share: float = 1.0,
+                  steer_all: Callable | None = None) -> None:
+        """Time one system on the workloads; ``steer(prompts, n_tokens)``, ``lens(prompts)``;
+        ``share`` of each workload's prompts (slow systems)."""
         few = 8
-        bench.time("steer", system, lambda: steer(steer_prompts, n_tokens),
-                   lambda: steer(steer_prompts[:few], min(8, n_tokens)), generated, "tok")
-        bench.time("lens", system, lambda: lens(lens_prompts), lambda: lens(lens_prompts[:few]),
-                   lambda _: len(lens_prompts), "prompt")
-        bench.time("collect", system, lambda: collect(collect_prompts), lambda: collect(collect_prompts[:few]),
-                   lambda _: len(collect_prompts), "prompt")
+
+        def part(prompts: list[str]) -> list[str]:
+            return prompts[: max(few, int(len(prompts) * share))]
+
+        sp, lp, cp = part(steer_prompts), part(lens_prompts), part(collect_prompts)
+        bench.time("steer", system, lambda: steer(sp, n_tokens), lambda: steer(sp[:few], min(8, n_tokens)),
+                   generated, "tok")
+        if steer_all is not None:
+            bench.time("steer-all", system, lambda: steer_all(sp, n_tokens),
+                       lambda: steer_all(sp[:few], min(8, n_tokens)), generated, "tok")
+        bench.time("lens", system, lambda: lens(lp), lambda: lens(lp[:few]), lambda _: len(lp), "prompt")
+        bench.time("collect", system, lambda: collect(cp), lambda: collect(cp[:few]), lambda _: len(cp), "prompt")
 
     def hf_systems() -> None:
         """The DSL, hand-written nnsight and vanilla transformers, on one HF model."""
@@ -538,37 +565,46 @@ def main() -> None:
         hf, nn = model.nnsight_model._module, model.nnsight_model
         if want("dsl-hf"):
             workloads("dsl-hf", lambda p, n: dsl_steer(model, p, mid, vector, n),
-                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))
-        if want("nnsight-hf"):
+                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers),
+                      SLOW_SHARE[args.preset])
+        if wanted is not None and want("nnsight-hf"):
             workloads("nnsight-hf", lambda p, n: hand_hf_steer(nn, p, mid, vector, n),
                       lambda p: hand_hf_lens(nn, p, layers), lambda p: hand_hf_collect(nn, p, layers))
         if want("hf"):
             workloads("hf", lambda p, n: hf_generate(hf, tokenizer, p, n),
-                      lambda p: hf_forward(hf, tokenizer, p), lambda p: hf_forward(hf, tokenizer, p))
+                      lambda p: hf_forward(hf, tokenizer, p), lambda p: hf_forward(hf, tokenizer, p),
+                      SLOW_SHARE[args.preset])
         del model, hf, nn
         _free()
 
-    def nnterp_vllm(suffix: str, graphs: bool) -> None:
-        """The DSL and hand-written nnsight on one nnterp vLLM engine."""
-        systems = (f"dsl-vllm{suffix}", f"nnsight-vllm{suffix}")
-        if not any(want(s) for s in systems):
+    def nnterp_vllm(system: str, graphs: bool, executor: str = "batched") -> None:
+        """``nnterp.dsl.run`` on an nnterp vLLM engine (and, on the eager engine with the
+        batched executor, the same work written by hand against nnsight)."""
+        hand = "nnsight-vllm" if not graphs and executor == "batched" else None
+        if not want(system) and not (hand and want(hand)):
             return
         start = time.perf_counter()
         try:
-            model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, **engine, **graph_sizes(graphs))
+            model = StandardizedTransformer(path, backend="vllm", cuda_graphs=graphs, dsl_executor=executor,
+                                            **engine, **graph_sizes(graphs))
         except Exception as error:
-            bench.failed("all", systems[0], error)
+            bench.failed("all", system, error)
             return
-        print(f"[bench] nnterp vllm{suffix} engine up in {time.perf_counter() - start:.0f} s", flush=True)
-        nn = model.nnsight_model
-        if want(systems[0]):
-            workloads(systems[0], lambda p, n: dsl_steer(model, p, mid, vector, n),
-                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))
-        if want(systems[1]):
-            workloads(systems[1], lambda p, n: hand_vllm_steer(nn, p, mid, vector, n),
-                      lambda p: hand_vllm_lens(nn, p, layers), lambda p: hand_vllm_collect(nn, p, layers))
+        print(f"[bench] {system} engine up in {time.perf_counter() - start:.0f} s", flush=True)
+        share = 1.0 if executor == "batched" else SLOW_SHARE[args.preset]
+        every = list(range(layers))
+        if want(system):
+            workloads(system, lambda p, n: dsl_steer(model, p, mid, vector, n),
+                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers), share,
+                      steer_all=lambda p, n: dsl_steer(model, p, every, vector, n))
+        if hand and want(hand):
+            nn = model.nnsight_model
+            workloads(hand, lambda p, n: hand_vllm_steer(nn, p, mid, vector, n),
+                      lambda p: hand_vllm_lens(nn, p, layers), lambda p: hand_vllm_collect(nn, p, layers),
+                      SLOW_SHARE[args.preset])
+            del nn
         model.close()
-        del model, nn
+        del model
         _free()
         _wait_for_gpu_memory()
 
@@ -604,15 +640,17 @@ def main() -> None:
         # sequences at a time): the same graphs vLLM would replay, captured in seconds.
         if not (gpu and graphs):
             return {}
-        return {"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}}
+        return {"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]}}
 
     # Most telling first: a run cut off by a time limit keeps what it measured.
-    hf_systems()
-    nnterp_vllm("", False)
     if gpu:
-        nnterp_vllm("-graphs", True)
-    vanilla_vllm("vllm-graphs", False)
-    vanilla_vllm("vllm-eager", True)
+        vanilla_vllm("vllm-graphs", False)
+        nnterp_vllm("dsl-vllm-graphs", True)
+    nnterp_vllm("dsl-vllm", False)
+    nnterp_vllm("dsl-vllm-nnsight", False, executor="nnsight")
+    hf_systems()
+    if not gpu:
+        vanilla_vllm("vllm-eager", True)
     if args.tp2:
         tensor_parallel(bench, path, engine, graph_sizes(True), steer_prompts, mid, vector, n_tokens, generated)
     bench.write()
