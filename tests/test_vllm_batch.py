@@ -184,6 +184,27 @@ def test_chunked_prefill_and_preemption_give_the_same_results(vllm_models, tiny_
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_prefix_caching_neither_skips_hooks_nor_shares_edited_prefixes(vllm_models, tiny_dir):
+    """With prefix caching on, a run could be served a prefix from the cache (no hook
+    would see those tokens) or leave its edited prefix for an unedited request."""
+    from nnterp import StandardizedTransformer
+
+    plain = vllm_models("llama")
+    # longer than two cache blocks: only whole blocks are cached
+    prompts = ["The capital of France is the city of lights, and the capital of Italy is the city of "
+               "seven hills; the capital of Spain is a city on a high plain, and the capital of Portugal "
+               "is a city by the sea. Which of them is the oldest? The answer is"] * 2
+    steer = Steer(0, torch.full((plain.hidden_size,), 0.5)) >> Read("layers[1].output", positions=None)
+    clean, steered = (run(g, plain, prompts) for g in (Read("layers[1].output", positions=None), steer))
+    with StandardizedTransformer(tiny_dir("llama"), backend="vllm", dtype="float32",
+                                 enable_prefix_caching=True, block_size=32) as cached:
+        for graph, want in ((steer, steered), (Read("layers[1].output", positions=None), clean), (steer, steered)):
+            got = run(graph, cached, prompts)
+            _close(got["layers[1].output"], want["layers[1].output"], "layers[1].output", atol=1e-5)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_one_engine_serves_nnsight_traces_and_batched_runs(vllm_models):
     model = vllm_models("llama")
     with model.trace("The capital of France is"):

@@ -364,11 +364,18 @@ class VLLMBackend(Backend):
         llm = self.model.vllm_entrypoint
         plan_id = uuid.uuid4().hex
         llm.collective_rpc("nnterp_install", args=(plan_id, pickle.dumps(plan)))
+        # A prefix served from vLLM's cache is never computed, so no hook would see it, and
+        # a prefix this plan edited must not be served to anyone else: with prefix caching
+        # on, the run neither reads the cache nor shares what it writes (its own salt).
+        cache = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in \
+            getattr(SamplingParams, "__struct_fields__", ()) else {}
         params = [SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                 top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]})
+                                 top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]},
+                                 **cache)
                   for row in range(len(prompts))]
+        requests = [{"prompt": prompt, "cache_salt": f"nnterp-{plan_id}"} for prompt in prompts]
         try:
-            outputs = llm.generate(list(prompts), sampling_params=params, use_tqdm=False)
+            outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
         finally:
             # always: it also uninstalls the plan, so the engine is ready for the next
             replies = llm.collective_rpc("nnterp_collect", args=(plan_id,))
