@@ -233,3 +233,8 @@ def test_the_vllm_internals_the_executor_reads_are_there():
     new_fields = {f.name for f in __import__("dataclasses").fields(NewRequestData)}
     assert set(ENGINE_INTERNALS["new request"]) <= new_fields
     assert "discard_request_mask" in inspect.getsource(GPUModelRunner._prepare_inputs)
+    # the hook layout rides additional_config, which must stay part of the compile-cache
+    # key, or a model compiled without the hooks could be loaded into a hooked engine
+    from vllm.config import VllmConfig
+
+    assert "additional_config" in inspect.getsource(VllmConfig.compute_hash)
