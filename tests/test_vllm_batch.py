@@ -121,6 +121,12 @@ def _graph(model):
             >> Read("logits", steps="all"))
 
 
+def _same_outputs(got, want, atol):
+    """Every output of run ``want`` in run ``got``, within ``atol``."""
+    for name in want.keys():
+        _close(got[name], want[name], name, atol)
+
+
 def _close(got, want, what, atol):
     if isinstance(want, (list, tuple)):
         assert len(got) == len(want), what
@@ -146,18 +152,16 @@ def test_batched_and_nnsight_executors_and_hf_agree(family, vllm_models, hf_mode
     assert batched.manifest["executor"].startswith("vllm/batched")
     reference = run(_graph(model), hf, PROMPTS, sampling=sampling)
     assert batched.tokens == reference.tokens
-    for name in reference.keys():
-        # float32 on both sides, different kernels: the parity tolerance of the backend
-        # tests (SPEC: 1e-4); probabilities are bounded by it too
-        _close(batched[name], reference[name], name, atol=1e-4)
+    # float32 on both sides, different kernels: the parity tolerance of the backend tests
+    # (SPEC: 1e-4); probabilities are bounded by it too
+    _same_outputs(batched, reference, atol=1e-4)
     if family == "llama":
         with StandardizedTransformer(tiny_dir(family), backend="vllm", dsl_executor="nnsight",
                                      dtype="float32") as old:
             nnsight = run(_graph(old), old, PROMPTS, sampling=sampling)
         assert nnsight.manifest["executor"].startswith("vllm/nnsight")
         assert nnsight.tokens == batched.tokens
-        for name in reference.keys():
-            _close(batched[name], nnsight[name], name, atol=1e-5)
+        _same_outputs(batched, nnsight, atol=1e-5)
 
 
 @pytest.mark.vllm
@@ -178,8 +182,7 @@ def test_chunked_prefill_and_preemption_give_the_same_results(vllm_models, tiny_
     # the settings must have forced both, or this test would pass without testing them
     assert stats["prompt_chunks"] > 0 and stats["preemptions"] > 0, stats
     assert got.tokens == want.tokens
-    for name in want.keys():
-        _close(got[name], want[name], name, atol=1e-5)
+    _same_outputs(got, want, atol=1e-5)
 
 
 @pytest.mark.vllm

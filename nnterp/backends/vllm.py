@@ -120,9 +120,6 @@ def _plain(value: Any) -> Any:
 #: layer to the compiled graph, so name only the ones a workload touches.
 DEFAULT_GRAPH_SITES = ("layers_output",)
 
-#: Site kinds a CUDA-graph engine can serve: the module sites (logits are served outside
-#: the graph, attention probabilities not at all).
-_GRAPHABLE = HOOKABLE
 
 
 def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
@@ -131,7 +128,7 @@ def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
         return None
     names = DEFAULT_GRAPH_SITES if cuda_graphs is True else (
         (cuda_graphs,) if isinstance(cuda_graphs, str) else tuple(cuda_graphs))
-    valid = {kind.value: kind for kind in _GRAPHABLE}
+    valid = {kind.value: kind for kind in HOOKABLE}
     unknown = [name for name in names if name not in valid]
     if unknown or not names:
         raise ValueError(

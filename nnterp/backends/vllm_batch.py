@@ -169,6 +169,8 @@ class _PlanRun:
         self.logits_recorded: dict[str, int] = {}
         #: op index -> list of (values on the device, [prompt, step, order] rows)
         self.values: dict[int, list[tuple[Any, np.ndarray]]] = {}
+        #: per plan op: whether it is a lens (the reads it records are projected)
+        self.is_lens = np.array([isinstance(op, LensOp) for op in plan.ops], dtype=bool)
         #: what happened to the plan's requests: steps, chunked prompt passes, preemptions
         self.stats = {"steps": 0, "prompt_chunks": 0, "preemptions": 0}
 
@@ -210,15 +212,14 @@ class _Engine:
                  else paths_for(getattr(runner.model_config.hf_config, "model_type", "?"), model))
         if paths is None or missing_paths(model, paths):
             return None
-        return cls(runner, config)
+        return cls(runner, config, paths)
 
-    def __init__(self, runner: Any, config: dict) -> None:
+    def __init__(self, runner: Any, config: dict, paths: ModulePaths) -> None:
         self.runner = runner
         model = runner.get_model()
         self.model = model
         hf_config = runner.model_config.hf_config
-        self.paths = (ModulePaths(**config["paths"]) if config.get("paths")
-                      else paths_for(getattr(hf_config, "model_type", "?"), model))
+        self.paths = paths
         kinds = [SiteKind(name) for name in config["sites"]]
         layers = resolve_path(model, self.paths.layers)
         self.sites: list[tuple[SiteKind, int | None]] = []
@@ -249,8 +250,10 @@ class _Engine:
         self.run: _PlanRun | None = None
         self.plan_id: str | None = None
         self.dirty: set[int] = set()
-        self.step_reads: list[tuple[np.ndarray, np.ndarray]] = []  # (capture rows, read table)
-        self.sampling: list[tuple[int, str, Any]] = []  # (logits row, request, actions)
+        #: this step's read tables (rows of `Capture.reads`, capture rows made global)
+        self.step_reads: list[np.ndarray] = []
+        #: this step's logits actions: (logits row, prompt index, step, [(op index, op)])
+        self.sampling: list[tuple[int, int, int, list]] = []
         n_sites, n_tokens = len(self.sites), tokens
         pin = parameter.device.type == "cuda"
         self.dump = capacity + torch.arange(n_tokens)
@@ -266,8 +269,6 @@ class _Engine:
             raise RuntimeError(f"nnterp: plan {self.plan_id} is still running in this engine")
 
         def write_row(row: int, vector: torch.Tensor) -> None:
-            if row >= self.state.vector.shape[0]:
-                raise OverflowError("vector table full")
             self.state.vector[row].copy_(vector.to(self.state.vector.dtype))
 
         vectors = VectorTable(self.state.vector.shape[0], write_row)
@@ -297,7 +298,8 @@ class _Engine:
         counts = np.asarray(num_scheduled[: len(ids)], dtype=np.int64)
         n = int(counts.sum())
         request = np.repeat(np.arange(len(ids)), counts)
-        starts = np.cumsum(counts) - counts
+        ends = np.cumsum(counts)  # one past each request's last token of this step
+        starts = ends - counts
         position = batch.num_computed_tokens_cpu[request].astype(np.int64) + (np.arange(n) - starts[request])
         info = [run.requests.get(rid, (-1, 0)) if run else (-1, 0) for rid in ids]
         prompt = np.array([i[0] for i in info], dtype=np.int64)[request]
@@ -333,20 +335,19 @@ class _Engine:
                     used += k
                 touched.add(site)
             run.stats["steps"] += 1
-            for row, (rid, last) in enumerate(zip(ids, np.cumsum(counts) - 1)):
+            # the position after each request's last token of this step
+            reached = position[ends - 1] + 1
+            for row, rid in enumerate(ids):
                 if rid in run.recorded_to:
-                    prompt_length = run.requests[rid][1]
-                    first = int(position[last]) - int(counts[row]) + 1
-                    if first < prompt_length and int(position[last]) + 1 < prompt_length:
+                    if reached[row] < run.requests[rid][1]:
                         run.stats["prompt_chunks"] += 1  # a prompt pass that ends before its prompt does
-                    run.recorded_to[rid] = max(run.recorded_to[rid], int(position[last]) + 1)
+                    run.recorded_to[rid] = max(run.recorded_to[rid], int(reached[row]))
             discard = self.runner.discard_request_mask.np[: len(ids)]
             if run.program.logit_ops:
-                ends = np.cumsum(counts) - 1
                 for row, rid in enumerate(ids):
                     if rid in run.requests and not discard[row]:
                         prompt_row, prompt_length = run.requests[rid]
-                        last = int(position[ends[row]])
+                        last = int(reached[row]) - 1
                         step = max(0, last - prompt_length + 1)
                         if run.logits_recorded.get(rid, -1) < step:
                             run.logits_recorded[rid] = step
@@ -381,7 +382,7 @@ class _Engine:
         seen = self.state.captured[rows] * scale[:, None] + self.state.vector[vector_rows]
         ops = table[:, 0].astype(np.int64)
         meta = table[:, 1:4].astype(np.int64)  # prompt, step, order
-        lens_rows = np.flatnonzero([isinstance(run.plan.ops[i], LensOp) for i in ops])
+        lens_rows = np.flatnonzero(run.is_lens[ops])
         for index in np.unique(ops):
             if not isinstance(run.plan.ops[index], ReadOp):
                 continue
@@ -417,14 +418,11 @@ class _Engine:
         edited = False
         for row, prompt_row, step, actions in self.sampling:
             for index, op in actions:
-                if isinstance(op, ZeroOp):
-                    logits = logits.clone() if not edited else logits
-                    logits[row] = 0
-                    edited = True
-                elif isinstance(op, PatchOp):
-                    logits = logits.clone() if not edited else logits
-                    logits[row] = op.value.to_tensor().reshape(-1, logits.shape[-1])[0].to(logits)
-                    edited = True
+                if isinstance(op, (ZeroOp, PatchOp)):
+                    if not edited:  # the engine's tensor: edit a copy, returned as the output
+                        logits, edited = logits.clone(), True
+                    logits[row] = 0 if isinstance(op, ZeroOp) else \
+                        op.value.to_tensor().reshape(-1, logits.shape[-1])[0].to(logits)
                 else:
                     run.keep(index, logits[row:row + 1].float().clone(), np.array([[prompt_row, step, 0]]))
         self.sampling = []
