@@ -64,13 +64,19 @@ def model_for(model: Any, backend: str | None = None, graph: Graph | Node | None
         return model
     from nnterp.standardized import StandardizedTransformer
 
+    key = _cache_key(model, backend, graph)
+    if key not in _MODELS:
+        _, backend, probs = key
+        _MODELS[key] = StandardizedTransformer(model, backend=backend, enable_attention_probs=probs)
+    return _MODELS[key]
+
+
+def _cache_key(name: str | os.PathLike, backend: str | None, graph: Graph | Node | None) -> tuple[str, str, bool]:
+    """(name, backend, attention probabilities): the model `model_for` loads for a name."""
     backend = backend or DEFAULT_BACKEND
     probs = (graph is not None and uses(as_graph(graph), AttentionProbs)
              and SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites)
-    key = (os.fspath(model), backend, probs)
-    if key not in _MODELS:
-        _MODELS[key] = StandardizedTransformer(model, backend=backend, enable_attention_probs=probs)
-    return _MODELS[key]
+    return (os.fspath(name), backend, probs)
 
 
 def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: str | None = None,
@@ -93,9 +99,9 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
     graph = as_graph(graph)
     prompts = _as_prompts(prompts)
     sampling = sampling or Sampling()
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, graph) not in _MODELS:
         # from the configuration and tokenizer alone: a graph that cannot run never
-        # loads weights or starts an engine
+        # loads weights or starts an engine (a model already loaded is checked below)
         validate(graph, model, backend or DEFAULT_BACKEND, prompts=prompts, sampling=sampling)
     model = model_for(model, backend, graph)
     spec = validate(graph, model, backend, prompts=prompts, sampling=sampling)
