@@ -33,7 +33,10 @@ On a machine without CUDA the engine runs on vLLM's CPU backend through
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -210,6 +213,11 @@ class VLLMBackend(Backend):
             self.model = engine_cls(name_or_path, dispatch=False, **kwargs)
             self.model.compiled = not eager
         self._closed = False
+        _OPEN_ENGINES.add(self)
+        # (re-)registered after vLLM made this engine's finalizers, so that it runs
+        # before them: atexit runs the handlers registered last first
+        atexit.unregister(_close_at_exit)
+        atexit.register(_close_at_exit)
         root = self.model._module
         model_type = getattr(self.model.config, "model_type", "?")
         self.paths = paths if paths is not None else paths_for(model_type, root)
@@ -437,6 +445,36 @@ class VLLMBackend(Backend):
 
         shutdown_vllm(self.model)
         self._closed = True
+        _OPEN_ENGINES.discard(self)
+
+
+def _close_at_exit() -> None:
+    """Close, at interpreter exit, every engine the program left open.
+
+    vLLM stops a forgotten engine from its own finalizers, but badly: they signal the
+    engine-core process before the client lets go of it (the client then logs that the
+    engine "exited unexpectedly"), give the processes vLLM's default 5 s (an engine
+    exiting normally on a busy CPU took longer and was force-killed), and log through a
+    handler bound to the ``sys.stdout`` of the moment vLLM was imported, which may be
+    closed by then (pytest's capture, a redirected stream): each line became "---
+    Logging error --- ValueError: I/O operation on closed file". This closes each
+    engine the way `VLLMBackend.close` does, after dropping the log handlers whose
+    stream is closed (nothing can be written there any more).
+    """
+    engines = list(_OPEN_ENGINES)
+    if not engines:
+        return
+    for logger in (logging.getLogger("vllm"), logging.getLogger()):
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+    for backend in engines:
+        backend.close()
+
+
+#: the engines loaded and not closed yet, weakly held: one that is garbage-collected is
+#: stopped by vLLM's own finalizers
+_OPEN_ENGINES: "weakref.WeakSet[VLLMBackend]" = weakref.WeakSet()
 
 
 def _unembed(root: Any, lm_head: Any, x: torch.Tensor, config_softcap: float | None) -> torch.Tensor:
