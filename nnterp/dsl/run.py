@@ -27,6 +27,7 @@ from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.lowering import lower, uses
 from nnterp.dsl.nodes import AttentionProbs, Node, Patch, Read
 from nnterp.dsl.plan import Execution, Output, OutputKey, OutputKind, Plan, Sampling
+from nnterp.dsl.recorded import Recorded
 from nnterp.dsl.results import RunResult
 from nnterp.dsl.validate import validate
 from nnterp.sites import SiteKind
@@ -116,12 +117,11 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
     return RunResult(outputs, tokens, texts, _manifest(graph, prompts, sampling, model, execution))
 
 
-def _drop_ended_steps(execution: Execution) -> dict[OutputKey, Any]:
+def _drop_ended_steps(execution: Execution) -> Recorded:
     # A prompt whose generation ended early (end of sequence) has no later steps. vLLM
     # stops computing it; an HF batch goes on feeding it padding, whose activations
     # mean nothing: drop them, so both backends return the same steps.
-    generated = [max(1, len(row)) for row in execution.tokens]
-    return {key: value for key, value in execution.values.items() if key.step < generated[key.prompt]}
+    return execution.values.before_end([max(1, len(row)) for row in execution.tokens])
 
 
 def _resolve_sources(graph: Graph, model: Any, spec: Any) -> Graph:
@@ -150,7 +150,7 @@ def _stack(values: list[Any]) -> Any:
     return values
 
 
-def _value_at(output: Output, values: dict[OutputKey, Any], prompt: int, step: int) -> Any:
+def _value_at(output: Output, values: Recorded, prompt: int, step: int) -> Any:
     if output.kind is not OutputKind.LENS:
         return values.get(OutputKey(output.name, step=step, prompt=prompt))
     per_layer = [values.get(OutputKey(output.name, step=step, prompt=prompt, layer=layer))
@@ -167,18 +167,38 @@ def _pairs(items: list[Any]) -> tuple[Any, Any]:
     return _stack([item[0] for item in items]), _stack([item[1] for item in items])
 
 
-def _assemble(plan: Plan, values: dict[OutputKey, Any], n_prompts: int) -> dict[str, Any]:
-    steps_taken: dict[tuple[str, int], set[int]] = {}
-    for key in values:
-        steps_taken.setdefault((key.name, key.prompt), set()).add(key.step)
+def _stacked(output: Output, values: Recorded, n_prompts: int) -> Any | None:
+    """The output as the store already holds it, stacked over prompts (and lens layers),
+    or None when it must be read key by key."""
+    if output.kind is not OutputKind.LENS:
+        return values.stacked(output.name, None, output.steps, n_prompts)
+    per_layer = [values.stacked(output.name, layer, output.steps, n_prompts) for layer in output.layers]
+    if not per_layer or any(v is None for v in per_layer):
+        return None
+    if output.top_k is not None:
+        return (torch.stack([v[0] for v in per_layer], dim=1), torch.stack([v[1] for v in per_layer], dim=1))
+    return torch.stack(per_layer, dim=1)
+
+
+def _assemble(plan: Plan, values: Recorded, n_prompts: int) -> dict[str, Any]:
+    steps_taken: dict[tuple[str, int], set[int]] | None = None
     outputs: dict[str, Any] = {}
     for output in plan.outputs:
         pairs = output.kind is OutputKind.LENS and output.top_k is not None
         if output.multi_step:
+            if steps_taken is None:
+                steps_taken = {}
+                for key in values:
+                    steps_taken.setdefault((key.name, key.prompt), set()).add(key.step)
             per_prompt = [[_value_at(output, values, prompt, step)
                            for step in sorted(steps_taken.get((output.name, prompt), ()))]
                           for prompt in range(n_prompts)]
             outputs[output.name] = [_pairs(steps) if pairs else _stack(steps) for steps in per_prompt]
+            continue
+        stacks = output.kind is not OutputKind.ATTENTION_PROBS and output.positions is not None
+        whole = _stacked(output, values, n_prompts) if stacks else None
+        if whole is not None:
+            outputs[output.name] = whole
             continue
         per_prompt = []
         for prompt in range(n_prompts):
@@ -191,7 +211,7 @@ def _assemble(plan: Plan, values: dict[OutputKey, Any], n_prompts: int) -> dict[
             per_prompt.append(value)
         if pairs:
             outputs[output.name] = _pairs(per_prompt)
-        elif output.kind is OutputKind.ATTENTION_PROBS or output.positions is None:
+        elif not stacks:
             outputs[output.name] = per_prompt
         else:
             outputs[output.name] = _stack(per_prompt)

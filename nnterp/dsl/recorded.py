@@ -1,0 +1,185 @@
+"""What a run recorded, keyed by `OutputKey`, stored the way the executor produced it.
+
+Executors that run one prompt at a time (HF, nnsight's vLLM executor) record one value
+per key, and `KeyedValues` holds them as they are. The batch-wide vLLM executor records
+every prompt's rows of one op at once, as a few large tensors; `BlockValues` keeps them
+so. A sweep of 8,192 prompts over 22 layers is 180,000 keys: building a tensor view and
+a dict entry for each costs more than the engine's forward passes, so `BlockValues`
+gives the run's assembly whole stacks (`Recorded.stacked`) and builds keyed views only
+if something asks for a single key.
+
+Both are read-only mappings, so a run's assembly never needs to know which executor ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
+
+import attrs
+import numpy as np
+import torch
+
+from nnterp.dsl.plan import OutputKey
+
+__all__ = ["Recorded", "KeyedValues", "Block", "BlockValues", "as_recorded"]
+
+
+class Recorded(Mapping):
+    """Recorded values by `OutputKey` (a CPU tensor, or a ``(probs, ids)`` pair)."""
+
+    def stacked(self, name: str, layer: int | None, step: int, n_prompts: int) -> Any | None:
+        """Every prompt's value at ``step`` as one tensor ``[n_prompts, ...]`` (a pair of
+        them for a lens with ``top_k``), when the store holds them that way; else None
+        (the caller then reads key by key)."""
+        return None
+
+    def before_end(self, generated: Sequence[int]) -> "Recorded":
+        """Only the values of steps each prompt reached: ``step < generated[prompt]``."""
+        raise NotImplementedError
+
+
+class KeyedValues(Recorded):
+    """A plain dict of recorded values."""
+
+    def __init__(self, values: Mapping[OutputKey, Any]) -> None:
+        self._values = dict(values)
+
+    def __getitem__(self, key: OutputKey) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[OutputKey]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def before_end(self, generated: Sequence[int]) -> "KeyedValues":
+        kept = {key: value for key, value in self._values.items() if key.step < generated[key.prompt]}
+        return self if len(kept) == len(self._values) else KeyedValues(kept)
+
+
+def as_recorded(values: Mapping[OutputKey, Any]) -> Recorded:
+    """``values`` as a `Recorded` store (a plain mapping becomes `KeyedValues`)."""
+    return values if isinstance(values, Recorded) else KeyedValues(values)
+
+
+def _check_meta(meta: Any) -> np.ndarray:
+    meta = np.asarray(meta, dtype=np.int64)
+    if meta.ndim != 2 or meta.shape[1] != 3:
+        raise ValueError(f"a block's meta must be [rows, 3] (prompt, step, order), got shape {meta.shape}")
+    return meta
+
+
+@attrs.frozen(eq=False)
+class Block:
+    """Every row one op recorded, sorted by ``(prompt, step, order)``.
+
+    Args:
+        name: the output's name.
+        layer: the lens layer, or None.
+        single: whether the op reads one position (an int), so that each
+            ``(prompt, step)`` holds one row, which is the value itself; otherwise a
+            value is the ``[rows, ...]`` slice of its ``(prompt, step)``.
+        meta: ``[rows, 3]`` int64: prompt, step and order (the index in the op's list of
+            positions, or the position itself for ``positions=None``) of each row.
+        data: ``[rows, ...]`` tensor, or a tuple of them (a lens's probabilities and ids).
+    """
+
+    name: str
+    layer: int | None
+    single: bool
+    meta: np.ndarray = attrs.field(converter=_check_meta)
+    data: Any
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.data if isinstance(self.data, tuple) else (self.data,)
+
+    def take(self, rows: Any) -> Any:
+        """The data of ``rows`` (a slice or an index array), in the block's own form."""
+        if not isinstance(rows, slice):
+            rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        picked = tuple(t[rows] for t in self.tensors)
+        return picked if isinstance(self.data, tuple) else picked[0]
+
+    def where(self, keep: np.ndarray) -> "Block":
+        """The rows where ``keep`` holds."""
+        if keep.all():
+            return self
+        return Block(self.name, self.layer, self.single, self.meta[keep], self.take(np.flatnonzero(keep)))
+
+
+class BlockValues(Recorded):
+    """Recorded values as `Block`s, one per op."""
+
+    def __init__(self, blocks: Sequence[Block]) -> None:
+        self._blocks = {(block.name, block.layer): block for block in blocks}
+        if len(self._blocks) != len(blocks):
+            raise ValueError("two blocks record the same output and layer")
+        self._keyed: dict[OutputKey, Any] | None = None
+
+    # -- whole stacks ----------------------------------------------------------------------
+
+    def stacked(self, name: str, layer: int | None, step: int, n_prompts: int) -> Any | None:
+        block = self._blocks.get((name, layer))
+        if block is None or n_prompts == 0:
+            return None
+        meta = block.meta
+        at = meta[:, 1] == step
+        count = int(at.sum())
+        per, rest = divmod(count, n_prompts)
+        if per == 0 or rest or (block.single and per != 1):
+            return None
+        rows: Any = slice(None) if count == len(meta) else np.flatnonzero(at)
+        prompt, order = meta[rows, 0], meta[rows, 2]
+        if not np.array_equal(prompt, np.repeat(np.arange(n_prompts), per)):
+            return None
+        if not block.single and not np.array_equal(order, np.tile(np.arange(per), n_prompts)):
+            return None  # not one row per listed position (e.g. positions=None)
+        picked = block.take(rows)
+        if block.single:
+            return picked
+        shape = lambda t: t.reshape(n_prompts, per, *t.shape[1:])  # noqa: E731
+        return tuple(shape(t) for t in picked) if isinstance(picked, tuple) else shape(picked)
+
+    def before_end(self, generated: Sequence[int]) -> "BlockValues":
+        reached = np.asarray(generated, dtype=np.int64)
+        blocks = [block.where(block.meta[:, 1] < reached[block.meta[:, 0]]) for block in self._blocks.values()]
+        if all(new is old for new, old in zip(blocks, self._blocks.values())):
+            return self
+        return BlockValues(blocks)
+
+    # -- one key at a time ---------------------------------------------------------------
+
+    def _by_key(self) -> dict[OutputKey, Any]:
+        if self._keyed is None:
+            self._keyed = {}
+            for block in self._blocks.values():
+                self._keyed.update(_split_block(block))
+        return self._keyed
+
+    def __getitem__(self, key: OutputKey) -> Any:
+        return self._by_key()[key]
+
+    def __iter__(self) -> Iterator[OutputKey]:
+        return iter(self._by_key())
+
+    def __len__(self) -> int:
+        return len(self._by_key())
+
+
+def _split_block(block: Block) -> dict[OutputKey, Any]:
+    """One view per ``(prompt, step)`` of a block."""
+    values: dict[OutputKey, Any] = {}
+    keys = block.meta[:, :2]
+    if not len(keys):
+        return values
+    starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+    counts = np.diff(np.r_[starts, len(keys)]).tolist()
+    pieces = [torch.split(t, counts) for t in block.tensors]
+    for g, start in enumerate(starts.tolist()):
+        parts = [p[g][0] if block.single else p[g] for p in pieces]
+        key = OutputKey(block.name, step=int(keys[start, 1]), prompt=int(keys[start, 0]), layer=block.layer)
+        values[key] = tuple(parts) if isinstance(block.data, tuple) else parts[0]
+    return values
