@@ -21,6 +21,7 @@ import torch
 from nnterp.backends.batch_program import PlanProgram, TokenBatch, VectorTable, position_matches
 from nnterp.dsl import Graph, Lens, ModelSpec, Patch, Read, Sampling, Steer, Zero, run
 from nnterp.dsl.lowering import lower
+from nnterp.dsl.plan import OutputKey
 from nnterp.sites import SiteKind
 
 SPEC = ModelSpec(num_layers=2, hidden_size=4, num_heads=1, vocab_size=10)
@@ -104,6 +105,35 @@ def test_other_requests_are_left_alone():
     scale, rows, capture = program.site_step(0, tokens, np.ones(3, dtype=bool))
     assert rows[0] == 0 and rows[2] == 0 and rows[1] > 0
     assert capture.tokens.tolist() == [1]
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_results_leave_the_worker_sorted_whole_and_through_shared_memory_when_large(large, monkeypatch):
+    # Rows arrive step by step, not in prompt order (a long prompt finishes after short
+    # ones); the client must get them sorted, as blocks, whether they were pickled or
+    # mapped from a file (which must not outlive the reply).
+    import glob
+    import pickle
+
+    from nnterp.backends import vllm_batch
+
+    monkeypatch.setattr(vllm_batch, "_INLINE_BYTES", 0 if large else 1 << 30)
+    plan = lower(Read("layers[0].output") >> Lens(layers=[1], top_k=2), SPEC)
+    read, lens = (i for i, op in enumerate(plan.ops))
+    rows = lambda *ps: np.array([[p, 0, 0] for p in ps])  # noqa: E731
+    data = lambda *ps: torch.tensor([[float(p)] * 4 for p in ps], dtype=torch.bfloat16)  # noqa: E731
+    values = {read: [(data(2, 0), rows(2, 0)), (data(1,), rows(1))],
+              lens: [((torch.tensor([[0.5, 0.25]]), torch.tensor([[7, 3]])), rows(0))]}
+    before = set(glob.glob("/dev/shm/nnterp-*"))
+    reply = vllm_batch._ship(values, {"steps": 2})
+    assert ("file" in pickle.loads(reply) and pickle.loads(reply)["file"] is not None) == large
+    recorded, stats = vllm_batch.read_blocks(plan, reply)
+    assert set(glob.glob("/dev/shm/nnterp-*")) == before
+    assert stats == {"steps": 2}
+    stack = recorded.stacked(plan.ops[read].name, None, 0, 3)
+    assert stack.dtype == torch.bfloat16 and stack[:, 0].tolist() == [0.0, 1.0, 2.0]
+    probs, ids = recorded[OutputKey(plan.ops[lens].name, step=0, prompt=0, layer=1)]
+    assert probs.tolist() == [0.5, 0.25] and ids.tolist() == [7, 3]
 
 
 # -- engines -----------------------------------------------------------------------------

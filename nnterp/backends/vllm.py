@@ -364,7 +364,7 @@ class VLLMBackend(Backend):
 
         from vllm import SamplingParams
 
-        from nnterp.backends.vllm_batch import expand_blocks, read_blocks
+        from nnterp.backends.vllm_batch import read_blocks
 
         llm = self.model.vllm_entrypoint
         plan_id = uuid.uuid4().hex
@@ -372,11 +372,13 @@ class VLLMBackend(Backend):
         # A prefix served from vLLM's cache is never computed, so no hook would see it, and
         # a prefix this plan edited must not be served to anyone else: with prefix caching
         # on, the run neither reads the cache nor shares what it writes (its own salt).
-        cache = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in \
-            getattr(SamplingParams, "__struct_fields__", ()) else {}
+        fields = getattr(SamplingParams, "__struct_fields__", ())
+        options = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
+        if "skip_clone" in fields:
+            options["skip_clone"] = True  # each request has its own params: no deep copy needed
         params = [SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                  top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]},
-                                 **cache)
+                                 **options)
                   for row in range(len(prompts))]
         requests = [{"prompt": prompt, "cache_salt": f"nnterp-{plan_id}"} for prompt in prompts]
         try:
@@ -384,9 +386,9 @@ class VLLMBackend(Backend):
         finally:
             # always: it also uninstalls the plan, so the engine is ready for the next
             replies = llm.collective_rpc("nnterp_collect", args=(plan_id,))
-        blocks, stats = read_blocks(next(reply for reply in replies if reply is not None))
+        values, stats = read_blocks(plan, next(reply for reply in replies if reply is not None))
         tokens = [output.outputs[0].token_ids for output in outputs]
-        return Execution(expand_blocks(plan, blocks), tokens, _BATCHED, stats=stats)
+        return Execution(values, tokens, _BATCHED, stats=stats)
 
     def _execute_nnsight(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
         """One request (invoke) per prompt, in one nnsight trace.

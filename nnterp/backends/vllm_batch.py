@@ -22,8 +22,10 @@ the engine runs its own layers, on the flat batch:
    ``compute_logits`` at once (under tensor parallelism every rank takes part in its
    vocabulary gather). Logits are read and edited where the engine computes them, for
    the requests that sample in the step.
-4. **Results** stay on the device until the client collects them by RPC at the end of
-   the run, keyed by `OutputKey`; the generated tokens come from the engine's outputs.
+4. **Results** leave the device as each step ends (pinned, asynchronous copies), and
+   the client collects them at the end of the run as one block per op
+   (`nnterp.dsl.recorded.BlockValues`): whole tensors, through shared memory when they
+   are large. The generated tokens come from the engine's outputs.
 
 The engine is told which sites to hook through ``additional_config`` (which also enters
 vLLM's compile-cache key, so a compiled model is never reused without its hooks). vLLM
@@ -40,7 +42,8 @@ import numpy as np
 import torch
 
 from nnterp.backends.batch_program import HOOKABLE, PlanProgram, TokenBatch, VectorTable
-from nnterp.dsl.plan import LensOp, OutputKey, PatchOp, Plan, ReadOp, ZeroOp
+from nnterp.dsl.plan import LensOp, PatchOp, Plan, ZeroOp
+from nnterp.dsl.recorded import Block, BlockValues
 from nnterp.rename import ModulePaths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
@@ -165,14 +168,36 @@ class _PlanRun:
         self.requests: dict[str, tuple[int, int]] = {}
         #: engine request id -> first position not yet recorded
         self.recorded_to: dict[str, int] = {}
+        #: the requests of the last step seen, and their `batch_view` arrays
+        self._ids: list[str] = []
+        self._prompts = self._lengths = self._recorded = np.zeros(0, dtype=np.int64)
         #: engine request id -> last step whose logits were recorded
         self.logits_recorded: dict[str, int] = {}
-        #: op index -> list of (values on the device, [prompt, step, order] rows)
+        #: op index -> list of (host copies of values, [prompt, step, order] rows); on a
+        #: GPU the copies are in flight until the device is synchronized
         self.values: dict[int, list[tuple[Any, np.ndarray]]] = {}
         #: per plan op: whether it is a lens (the reads it records are projected)
         self.is_lens = np.array([isinstance(op, LensOp) for op in plan.ops], dtype=bool)
         #: what happened to the plan's requests: steps, chunked prompt passes, preemptions
         self.stats = {"steps": 0, "prompt_chunks": 0, "preemptions": 0}
+
+    def batch_view(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(prompt index, prompt length, recorded-to)`` of each request of a step (-1, 0,
+        0 for requests of no plan). Looked up once while the batch's requests stay the
+        same, as they do through decoding; ``recorded-to`` is updated in place."""
+        if ids != self._ids:
+            self._write_back()
+            self._ids = ids
+            info = [self.requests.get(rid, (-1, 0)) for rid in ids]
+            self._prompts = np.array([i[0] for i in info], dtype=np.int64)
+            self._lengths = np.array([i[1] for i in info], dtype=np.int64)
+            self._recorded = np.array([self.recorded_to.get(rid, 0) for rid in ids], dtype=np.int64)
+        return self._prompts, self._lengths, self._recorded
+
+    def _write_back(self) -> None:
+        for rid, prompt, mark in zip(self._ids, self._prompts.tolist(), self._recorded.tolist()):
+            if prompt >= 0:
+                self.recorded_to[rid] = mark
 
     def keep(self, index: int, value: Any, meta: np.ndarray) -> None:
         self.values.setdefault(index, []).append((value, meta))
@@ -227,7 +252,10 @@ class _Engine:
             self.sites += [(kind, layer) for layer in range(len(layers))] if kind.per_layer else [(kind, None)]
         self.site_index = {site: i for i, site in enumerate(self.sites)}
         parameter = next(model.parameters())
-        hidden = int(getattr(getattr(hf_config, "text_config", hf_config), "hidden_size"))
+        text_config = getattr(hf_config, "text_config", hf_config)
+        hidden = int(text_config.hidden_size)
+        #: the unembedding's width, to size the lens's slices
+        self.vocab_size = int(text_config.vocab_size)
         tokens = int(runner.max_num_tokens) + 64  # room for the padding vLLM appends
         itemsize = torch.empty((), dtype=parameter.dtype).element_size()
         capacity = max(tokens, int(config["capture_bytes"]) // (hidden * itemsize))
@@ -301,10 +329,12 @@ class _Engine:
         ends = np.cumsum(counts)  # one past each request's last token of this step
         starts = ends - counts
         position = batch.num_computed_tokens_cpu[request].astype(np.int64) + (np.arange(n) - starts[request])
-        info = [run.requests.get(rid, (-1, 0)) if run else (-1, 0) for rid in ids]
-        prompt = np.array([i[0] for i in info], dtype=np.int64)[request]
-        length = np.array([i[1] for i in info], dtype=np.int64)[request]
-        recorded = np.array([run.recorded_to.get(rid, 0) if run else 0 for rid in ids], dtype=np.int64)
+        if run is not None:
+            prompts, lengths, recorded = run.batch_view(ids)
+        else:
+            prompts, lengths, recorded = (np.full(len(ids), -1, np.int64), np.zeros(len(ids), np.int64),
+                                          np.zeros(len(ids), np.int64))
+        prompt, length = prompts[request], lengths[request]
         fresh = position >= recorded[request]
         tokens = TokenBatch(prompt, position, length)
         used = 0
@@ -337,11 +367,10 @@ class _Engine:
             run.stats["steps"] += 1
             # the position after each request's last token of this step
             reached = position[ends - 1] + 1
-            for row, rid in enumerate(ids):
-                if rid in run.recorded_to:
-                    if reached[row] < run.requests[rid][1]:
-                        run.stats["prompt_chunks"] += 1  # a prompt pass that ends before its prompt does
-                    run.recorded_to[rid] = max(run.recorded_to[rid], int(reached[row]))
+            ours = prompts >= 0
+            # a prompt pass that ends before its prompt does
+            run.stats["prompt_chunks"] += int(np.count_nonzero(ours & (reached < lengths)))
+            np.maximum(recorded, np.where(ours, reached, 0), out=recorded)
             discard = self.runner.discard_request_mask.np[: len(ids)]
             if run.program.logit_ops:
                 for row, rid in enumerate(ids):
@@ -369,6 +398,9 @@ class _Engine:
         self.dirty = touched
 
     def after_forward(self) -> None:
+        """Rebuild this step's reads from the captured rows, project the lens rows, and
+        start their copy to the host (pinned, asynchronous on a GPU: it overlaps the
+        next step, and the device never holds more than a step of results)."""
         run = self.run
         if run is None or not self.step_reads:
             return
@@ -382,23 +414,48 @@ class _Engine:
         seen = self.state.captured[rows] * scale[:, None] + self.state.vector[vector_rows]
         ops = table[:, 0].astype(np.int64)
         meta = table[:, 1:4].astype(np.int64)  # prompt, step, order
-        lens_rows = np.flatnonzero(run.is_lens[ops])
-        for index in np.unique(ops):
-            if not isinstance(run.plan.ops[index], ReadOp):
-                continue
-            mine = np.flatnonzero(ops == index)
-            run.keep(int(index), seen[torch.from_numpy(mine).to(device)], meta[mine])
-        if len(lens_rows):
-            picked = seen[torch.from_numpy(lens_rows).to(device)]
-            probs = torch.softmax(self._project(picked).float(), dim=-1)
-            for index in np.unique(ops[lens_rows]):
-                op = run.plan.ops[index]
-                mine = np.flatnonzero(ops[lens_rows] == index)
-                values = probs[torch.from_numpy(mine).to(device)]
-                if op.top_k is not None:
-                    top = values.topk(op.top_k, dim=-1)
-                    values = (top.values, top.indices)
-                run.keep(int(index), values, meta[lens_rows[mine]])
+        # an op reads one site, and a site's reads are listed op by op: each op's rows
+        # are one contiguous run of the table
+        bounds = np.flatnonzero(np.r_[True, ops[1:] != ops[:-1], True]).tolist()
+        groups = [(int(ops[start]), start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+        lens = run.is_lens[ops]
+        if not lens.all():
+            host = _to_host(seen)
+            for index, start, stop in groups:
+                if not lens[start]:
+                    run.keep(index, host[start:stop], meta[start:stop])
+        if lens.any():
+            picked = seen if lens.all() else seen[torch.from_numpy(np.flatnonzero(lens)).to(device)]
+            at = np.cumsum(lens) - 1  # each lens row's index in `picked`
+            wanted = {run.plan.ops[index].top_k for index, start, _ in groups if lens[start]}
+            results = {top_k: self._lens(picked, top_k) for top_k in wanted}
+            for index, start, stop in groups:
+                if lens[start]:
+                    part = results[run.plan.ops[index].top_k]
+                    first = int(at[start])
+                    cut = slice(first, first + stop - start)
+                    run.keep(index, tuple(t[cut] for t in part) if isinstance(part, tuple) else part[cut],
+                             meta[start:stop])
+
+    def _lens(self, rows: torch.Tensor, top_k: int | None) -> Any:
+        """Host copies of the probabilities (or their top ``top_k``) of ``rows``. The rows
+        are projected a slice at a time, so that a step's probabilities never take more
+        than about `_PROBS_BYTES` of device memory."""
+        n = rows.shape[0]
+        chunk = max(1, _PROBS_BYTES // (4 * self.vocab_size))
+        out: Any = None
+        for start in range(0, n, chunk):
+            probs = torch.softmax(self._project(rows[start:start + chunk]).float(), dim=-1)
+            part = probs if top_k is None else tuple(probs.topk(top_k, dim=-1))
+            if out is None:  # every slice has the same width: allocate the host copy once
+                out = tuple(_host_empty((n, *t.shape[1:]), t) for t in part) if top_k is not None \
+                    else _host_empty((n, *part.shape[1:]), part)
+            if top_k is not None:
+                for host, value in zip(out, part):
+                    host[start:start + len(value)].copy_(value, non_blocking=True)
+            else:
+                out[start:start + len(part)].copy_(part, non_blocking=True)
+        return out
 
     def _project(self, rows: torch.Tensor) -> torch.Tensor:
         x = rows
@@ -424,7 +481,8 @@ class _Engine:
                     logits[row] = 0 if isinstance(op, ZeroOp) else \
                         op.value.to_tensor().reshape(-1, logits.shape[-1])[0].to(logits)
                 else:
-                    run.keep(index, logits[row:row + 1].float().clone(), np.array([[prompt_row, step, 0]]))
+                    run.keep(index, _to_host(logits[row:row + 1].float().clone()),
+                             np.array([[prompt_row, step, 0]]))
         self.sampling = []
         return logits if edited else None
 
@@ -435,38 +493,97 @@ class _Engine:
         with their ``[prompt, step, order]`` table. Whole tensors, not one object per
         prompt: a sweep of thousands of prompts and dozens of layers would otherwise
         pickle hundreds of thousands of small tensors. A payload larger than
-        `_INLINE_BYTES` goes through a file in shared memory instead of the RPC."""
+        `_INLINE_BYTES` is written once into a file in shared memory, which the client
+        maps instead of receiving it through the RPC."""
         run = self.run
         if run is None or plan_id != self.plan_id:
             raise RuntimeError(f"nnterp: no plan {plan_id} in this engine")
         self.run, self.plan_id = None, None
         if self.state.captured.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # every host copy has landed
         if not _reports():
             return None
-        blocks = []
-        size = 0
-        for index, chunks in run.values.items():
-            meta = np.concatenate([m for _, m in chunks])
-            order = torch.from_numpy(np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0])))
-            if isinstance(chunks[0][0], tuple):
-                data: Any = tuple(torch.cat([c[0][i] for c in chunks])[order.to(chunks[0][0][i].device)].cpu()
-                                  for i in (0, 1))
-                size += sum(t.numel() * t.element_size() for t in data)
-            else:
-                data = torch.cat([c[0] for c in chunks])[order.to(chunks[0][0].device)].cpu()
-                size += data.numel() * data.element_size()
-            blocks.append((index, meta[order.numpy()], data))
-        payload = {"blocks": blocks, "stats": run.stats}
-        if size > _INLINE_BYTES:
-            import os
-            import tempfile
+        return _ship(run.values, run.stats)
 
-            handle, path = tempfile.mkstemp(prefix="nnterp-", suffix=".pt", dir=_shared_memory_dir())
-            os.close(handle)
-            torch.save(payload, path)
-            return pickle.dumps({"file": path})
-        return pickle.dumps(payload)
+
+def _ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict) -> bytes:
+    """The worker's reply: per op, the rows' sorted meta and where each sorted tensor is.
+
+    Rows arrive step by step, mostly already in order; each chunk is written straight
+    to its sorted place in the output, which is a pickled tensor (small payloads) or a
+    slice of one file in shared memory (large ones)."""
+    plans = []  # (op index, sorted meta, [(chunks of one field, dtype, row shape)], tuple?)
+    size = 0
+    for index, chunks in values.items():
+        meta = np.concatenate([m for _, m in chunks])
+        order = np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0]))
+        in_order = bool(np.all(order[1:] > order[:-1]))
+        rank = None if in_order else np.argsort(order)  # each row's place in the output
+        fields = chunks[0][0] if isinstance(chunks[0][0], tuple) else (chunks[0][0],)
+        layout = []
+        for i, first in enumerate(fields):
+            parts = [c[0][i] if isinstance(c[0], tuple) else c[0] for c in chunks]
+            layout.append((parts, first.dtype, tuple(first.shape[1:])))
+            size += _aligned(len(meta) * first[:1].numel() * first.element_size())
+        plans.append((index, meta[order] if rank is not None else meta, rank, layout,
+                      isinstance(chunks[0][0], tuple)))
+    path, buffer, offset = None, None, 0
+    if size > _INLINE_BYTES:
+        import os
+        import tempfile
+
+        handle, path = tempfile.mkstemp(prefix="nnterp-", suffix=".bin", dir=_shared_memory_dir())
+        os.ftruncate(handle, size)
+        os.close(handle)
+        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    blocks = []
+    for index, meta, rank, layout, is_tuple in plans:
+        described = []
+        for parts, dtype, shape in layout:
+            rows = len(meta)
+            if buffer is not None:
+                nbytes = rows * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+                out = buffer[offset:offset + nbytes].view(dtype).view(rows, *shape)
+                described.append(("file", offset, dtype, shape))
+                offset += _aligned(nbytes)
+            else:
+                out = torch.empty((rows, *shape), dtype=dtype)
+                described.append(("tensor", out))
+            start = 0
+            for part in parts:
+                stop = start + len(part)
+                if rank is None:
+                    out[start:stop].copy_(part)
+                else:
+                    out.index_copy_(0, torch.from_numpy(rank[start:stop]), part)
+                start = stop
+        blocks.append((index, meta, described, is_tuple))
+    del buffer
+    return pickle.dumps({"blocks": blocks, "stats": stats, "file": path, "size": size})
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64
+
+
+#: Device memory one slice of a lens's probabilities may take (float32, rows x vocabulary).
+_PROBS_BYTES = 1 << 30
+
+
+def _host_empty(shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A host tensor for a copy of ``like``'s kind: pinned when it comes from a GPU, so
+    that the copy runs asynchronously."""
+    return torch.empty(shape, dtype=like.dtype, pin_memory=like.is_cuda)
+
+
+def _to_host(value: torch.Tensor) -> torch.Tensor:
+    """``value`` copied to the host: asynchronously from a GPU (read it only after a
+    synchronize), as is on a CPU device (``value`` is then a fresh tensor already)."""
+    if not value.is_cuda:
+        return value
+    host = _host_empty(value.shape, value)
+    host.copy_(value, non_blocking=True)
+    return host
 
 
 #: Results larger than this leave the worker through a file rather than the RPC, whose
@@ -480,38 +597,33 @@ def _shared_memory_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
-def read_blocks(reply: bytes) -> tuple[list, dict]:
-    """The client's side of `_Engine.collect`: the blocks and stats of a worker's reply."""
+def read_blocks(plan: Plan, reply: bytes) -> tuple[BlockValues, dict]:
+    """The client's side of `_Engine.collect`: the recorded values and stats of a
+    worker's reply. A file in shared memory is mapped, not read, and removed at once
+    (the mapping keeps its pages for as long as a tensor uses them)."""
     import os
 
     payload = pickle.loads(reply)
-    if "file" in payload:
-        path = payload["file"]
+    buffer = None
+    if payload["file"] is not None:
         try:
-            payload = torch.load(path, weights_only=False)
+            buffer = torch.from_file(payload["file"], shared=False, size=payload["size"], dtype=torch.uint8)
         finally:
-            os.remove(path)
-    return payload["blocks"], payload["stats"]
-
-
-def expand_blocks(plan: Plan, blocks: list) -> dict[OutputKey, Any]:
-    """Values keyed by `OutputKey` from sorted blocks, as views of the blocks' tensors."""
-    values: dict[OutputKey, Any] = {}
-    for index, meta, data in blocks:
+            os.remove(payload["file"])
+    blocks = []
+    for index, meta, described, is_tuple in payload["blocks"]:
+        tensors = []
+        for entry in described:
+            if entry[0] == "tensor":
+                tensors.append(entry[1])
+            else:
+                _, offset, dtype, shape = entry
+                nbytes = len(meta) * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+                tensors.append(buffer[offset:offset + nbytes].view(dtype).view(len(meta), *shape))
         op = plan.ops[index]
-        layer = op.layer if isinstance(op, LensOp) else None
-        # one int position: the value itself; a list or None: one row each
-        single = isinstance(op.positions, int)
-        keys = meta[:, :2]
-        starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
-        counts = np.diff(np.r_[starts, len(keys)]).tolist()
-        tensors = (data,) if not isinstance(data, tuple) else data
-        pieces = [torch.split(t, counts) for t in tensors]
-        for g, start in enumerate(starts.tolist()):
-            parts = [p[g][0] if single else p[g] for p in pieces]
-            key = OutputKey(op.name, step=int(keys[start, 1]), prompt=int(keys[start, 0]), layer=layer)
-            values[key] = parts[0] if not isinstance(data, tuple) else tuple(parts)
-    return values
+        blocks.append(Block(op.name, op.layer if isinstance(op, LensOp) else None,
+                            isinstance(op.positions, int), meta, tuple(tensors) if is_tuple else tensors[0]))
+    return BlockValues(blocks), payload["stats"]
 
 
 def _reports() -> bool:

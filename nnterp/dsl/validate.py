@@ -563,10 +563,12 @@ def _run_facts(graph: Graph, model: Any, prompts: Sequence[str] | None,
             tokenizer = _name_call(model, tokenizer_for_name)
         else:
             tokenizer = model.tokenizer
-        count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
-        lengths = tuple(count(prompt) for prompt in prompts)
-        source_prompts = {n.source.prompt for n in graph if isinstance(n, Patch) and n.source is not None}
-        sources = tuple((text, count(text)) for text in sorted(source_prompts))
+        source_prompts = sorted({n.source.prompt for n in graph if isinstance(n, Patch) and n.source is not None})
+        # one batch call: a sweep of thousands of prompts is tokenized in parallel
+        texts = list(prompts) + source_prompts
+        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
+        lengths = tuple(counts[:len(prompts)])
+        sources = tuple(zip(source_prompts, counts[len(prompts):]))
     max_tokens = getattr(sampling, "max_tokens", 1)
     return RunFacts(prompt_lengths=lengths, source_lengths=sources, max_tokens=max_tokens)
 
