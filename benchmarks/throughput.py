@@ -261,16 +261,41 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def _profile_text(profiler: Any) -> str:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(45)
+    return text.getvalue()
+
+
+def _start_engine_profile(worker: Any) -> None:
+    """Run in each engine worker (``collective_rpc``; needs VLLM_ALLOW_INSECURE_SERIALIZATION)."""
+    import cProfile
+
+    worker.bench_profiler = cProfile.Profile()
+    worker.bench_profiler.enable()
+
+
+def _stop_engine_profile(worker: Any, stem: str) -> None:
+    worker.bench_profiler.disable()
+    Path(f"{stem}-{os.getpid()}.txt").write_text(_profile_text(worker.bench_profiler))
+
+
 class Bench:
     """Times each (workload, system), keeps tokens for cross-checks, writes as it goes."""
 
-    def __init__(self, preset: str, out: Path, repeats: int, meta: dict) -> None:
+    def __init__(self, preset: str, out: Path, repeats: int, meta: dict, profile: bool = False) -> None:
         self.preset, self.out, self.repeats, self.meta = preset, out, repeats, meta
+        #: after the timed runs, run once more under cProfile and write the profile
+        self.profile = profile
         self.rows: list[dict] = []
         self.tokens: dict[tuple[str, str], list] = {}
 
     def time(self, workload: str, system: str, fn: Callable[[], Any], warmup: Callable[[], Any],
-             units: Callable[[Any], int], unit: str) -> None:
+             units: Callable[[Any], int], unit: str, engine: Any = None) -> None:
         """Time ``fn`` (median of ``repeats``) after one call of ``warmup``, a smaller run of
         the same kind that brings every lazy path up (kernels, caches, allocator)."""
         row = {"workload": workload, "system": system, "unit": unit}
@@ -288,10 +313,34 @@ class Bench:
             row.update(seconds=median, all_seconds=seconds, count=count, rate=count / median)
             if workload.startswith("steer"):
                 self.tokens[(workload, system)] = result
+            if self.profile:
+                self._profile(workload, system, fn, engine)
         except Exception as error:  # a failing system is reported, and the others still run
             row.update(error=_first_line(error))
             traceback.print_exc()
         self._record(row)
+
+    def _profile(self, workload: str, system: str, fn: Callable[[], Any], engine: Any = None) -> None:
+        """One more run (not timed) under cProfile, written as text: this process's
+        profile, and with ``engine`` (a ``vllm.LLM``) the engine's, taken in each worker
+        (with one GPU, the engine core process: scheduler, runner and nnterp's hooks)."""
+        import cProfile
+
+        name = f"profile-{self.preset}-{system}-{workload}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        if engine is not None:
+            engine.collective_rpc(_start_engine_profile)
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.enable()
+        fn()
+        _sync()
+        profiler.disable()
+        seconds = time.perf_counter() - start
+        if engine is not None:
+            engine.collective_rpc(_stop_engine_profile, args=(str(self.out / f"{name}-engine"),))
+        (self.out / f"{name}.txt").write_text(f"{system} {workload}: {seconds:.3f} s under the profiler\n"
+                                             + _profile_text(profiler))
 
     def failed(self, workload: str, system: str, error: Exception) -> None:
         """Record a system whose engine did not start."""
@@ -483,6 +532,8 @@ def main() -> None:
     parser.add_argument("--tp2", action="store_true", help="also run steer at tensor parallel 2")
     parser.add_argument("--gpu-memory", type=float, default=0.45, help="gpu_memory_utilization per engine")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each timed workload, profile one more run (cProfile) into OUT")
     parser.add_argument("--render", nargs="+", type=Path, default=None, metavar="JSON",
                         help="print one table (and its ratios) from the rows of earlier runs' JSON files")
     args = parser.parse_args()
@@ -490,6 +541,8 @@ def main() -> None:
         print(render_merged(args.render))
         return
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if args.profile:  # the engine profiles are started by sending functions to the workers
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
     import nnterp
     from nnterp import StandardizedTransformer
@@ -527,7 +580,7 @@ def main() -> None:
                                  f"last position, top-{TOP_K}",
                          "collect": f"{len(collect_prompts)} prompts x {preset['collect'][1]} tokens, last-token "
                                     f"residual stream of all {layers} layers"}
-    bench = Bench(args.preset + args.tag, args.out, repeats, meta)
+    bench = Bench(args.preset + args.tag, args.out, repeats, meta, profile=args.profile)
     wanted = None if args.systems == "all" else set(args.systems.split(","))
 
     def want(system: str) -> bool:
@@ -539,7 +592,7 @@ def main() -> None:
         engine.update(gpu_memory_utilization=args.gpu_memory, max_model_len=512)
 
     def workloads(system: str, steer: Callable, lens: Callable, collect: Callable, share: float = 1.0,
-                  steer_all: Callable | None = None) -> None:
+                  steer_all: Callable | None = None, engine: Any = None) -> None:
         """Time one system on the workloads; ``steer(prompts, n_tokens)``, ``lens(prompts)``;
         ``share`` of each workload's prompts (slow systems)."""
         few = 8
@@ -549,12 +602,13 @@ def main() -> None:
 
         sp, lp, cp = part(steer_prompts), part(lens_prompts), part(collect_prompts)
         bench.time("steer", system, lambda: steer(sp, n_tokens), lambda: steer(sp[:few], min(8, n_tokens)),
-                   generated, "tok")
+                   generated, "tok", engine)
         if steer_all is not None:
             bench.time("steer-all", system, lambda: steer_all(sp, n_tokens),
-                       lambda: steer_all(sp[:few], min(8, n_tokens)), generated, "tok")
-        bench.time("lens", system, lambda: lens(lp), lambda: lens(lp[:few]), lambda _: len(lp), "prompt")
-        bench.time("collect", system, lambda: collect(cp), lambda: collect(cp[:few]), lambda _: len(cp), "prompt")
+                       lambda: steer_all(sp[:few], min(8, n_tokens)), generated, "tok", engine)
+        bench.time("lens", system, lambda: lens(lp), lambda: lens(lp[:few]), lambda _: len(lp), "prompt", engine)
+        bench.time("collect", system, lambda: collect(cp), lambda: collect(cp[:few]), lambda _: len(cp), "prompt",
+                   engine)
 
     def hf_systems() -> None:
         """The DSL, hand-written nnsight and vanilla transformers, on one HF model."""
@@ -596,7 +650,8 @@ def main() -> None:
         if want(system):
             workloads(system, lambda p, n: dsl_steer(model, p, mid, vector, n),
                       lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers), share,
-                      steer_all=lambda p, n: dsl_steer(model, p, every, vector, n))
+                      steer_all=lambda p, n: dsl_steer(model, p, every, vector, n),
+                      engine=model.nnsight_model.vllm_entrypoint)
         if hand and want(hand):
             nn = model.nnsight_model
             workloads(hand, lambda p, n: hand_vllm_steer(nn, p, mid, vector, n),
@@ -629,7 +684,7 @@ def main() -> None:
             return
         print(f"[bench] {system} engine up in {time.perf_counter() - start:.0f} s", flush=True)
         workloads(system, lambda p, n: vllm_generate(llm, p, n), lambda p: vllm_generate(llm, p, 1),
-                  lambda p: vllm_generate(llm, p, 1))
+                  lambda p: vllm_generate(llm, p, 1), engine=llm)
         _shutdown_llm(llm)
         del llm
         _free()
