@@ -428,7 +428,11 @@ def _check_positions_in_prompts(node: Any, ctx: _Context) -> Iterator[Problem]:
     if ctx.run is None or node.positions is None or not _includes_prompt_pass(_steps_of(node)):
         return
     wanted = (node.positions,) if isinstance(node.positions, int) else node.positions
-    short = [(i, n) for i, n in enumerate(ctx.run.prompt_lengths) if any(not -n <= p < n for p in wanted)]
+    # a prompt of n tokens has positions -n .. n-1: it must have at least `need` tokens
+    need = max((p + 1 if p >= 0 else -p for p in wanted), default=0)
+    if not ctx.run.prompt_lengths or min(ctx.run.prompt_lengths) >= need:
+        return  # the common case, checked in one pass over a sweep of thousands of prompts
+    short = [(i, n) for i, n in enumerate(ctx.run.prompt_lengths) if n < need]
     if short:
         shortest = min(n for _, n in short)
         listed = ", ".join(f"prompts[{i}] ({n} tokens)" for i, n in short[:3])
