@@ -7,6 +7,13 @@ the embedding, the final norm and the unembedding are, as dotted paths from the
 ``*ForCausalLM`` module. The standardized accessors resolve through it and never spell
 a family's names themselves.
 
+vLLM builds the same families as other module trees, and `paths_for` finds those too:
+vLLM's own model of a family may unembed with its embedding module (Gemma 2 has no
+``lm_head``) or scale the embeddings outside the embedding module (vLLM's Gemma
+models, where Hugging Face's embedding module scales itself); a family vLLM runs
+through its generic transformers back end (``TransformersForCausalLM``, e.g. GPT-NeoX
+on vLLM 0.32) holds Hugging Face's base model at ``model`` and its own ``lm_head``.
+
 Families not in `KNOWN_ARCHITECTURES` are tried against the common spellings; if none
 fits, loading fails with an error listing what is missing and how to pass
 ``StandardizedTransformer(..., paths=ModulePaths(...))``.
@@ -16,7 +23,7 @@ This module knows module names only; it imports neither nnsight nor a backend.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import attrs
 
@@ -31,7 +38,9 @@ class ModulePaths:
 
     Paths are dotted attribute paths from the causal-LM module (``model.layers``);
     ``attention`` and ``mlp`` are relative to one decoder layer. ``final_norm`` may be
-    ``None`` for a model without one; every other path is required.
+    ``None`` for a model without one; every other path is required. ``lm_head`` is the
+    module whose weight unembeds: the embedding module itself where the model ties
+    them without an ``lm_head`` module.
 
     Example:
         >>> ModulePaths(layers="transformer.h", attention="attn", mlp="mlp",
@@ -48,6 +57,11 @@ class ModulePaths:
     lm_head: str
     #: the MLP module sees the tokens flattened to ``[batch * seq, hidden]`` (OPT)
     mlp_flattens_tokens: bool = attrs.field(default=False, kw_only=True)
+    #: path of a scalar by which the model multiplies the embedding module's output,
+    #: outside that module (vLLM's Gemma models: ``model.normalizer``, sqrt(hidden_size));
+    #: the ``embeddings_output`` site is that product, as on Hugging Face, whose Gemma
+    #: embedding module scales its own output
+    embeddings_multiplier: str | None = attrs.field(default=None, kw_only=True)
 
     def module_path(self, kind: SiteKind, layer: int | None = None) -> str:
         """The dotted path of the module whose output (or input) is a site of ``kind``.
@@ -121,6 +135,18 @@ KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
     ),
 }
 
+#: The fields that are module paths, and those of them a model may lack.
+_PATH_FIELDS = ("layers", "attention", "mlp", "embeddings", "final_norm", "lm_head", "embeddings_multiplier")
+_OPTIONAL = ("final_norm", "embeddings_multiplier")
+#: Where the base model sits in vLLM's generic transformers back end
+#: (``TransformersForCausalLM``): Hugging Face's ``AutoModel`` at ``model``.
+_TRANSFORMERS_BACKEND_BASE = "model"
+#: Other names of the unembedding module than a family's Hugging Face one (vLLM's own
+#: GPT-NeoX calls it ``embed_out``).
+_UNEMBEDDING_NAMES = ("lm_head", "embed_out")
+#: vLLM's Gemma models multiply the embeddings by this buffer of their base model.
+_EMBEDDINGS_MULTIPLIER_NAME = "normalizer"
+
 # Spellings tried, in order, for a family that is not in the table.
 _CANDIDATES = {
     "layers": ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"),
@@ -160,17 +186,78 @@ def _first_present(root, candidates: Iterable[str]) -> str | None:
 
 
 def paths_for(model_type: str, module) -> ModulePaths | None:
-    """The paths of a known family, or the common spellings that fit ``module``.
+    """The paths of a known family as ``module`` spells them, or the common spellings
+    that fit ``module``.
 
-    Returns ``None`` when a required component has no known spelling in ``module``;
-    `missing_paths` then says which.
+    A known family is looked up in the layouts its module tree takes (`_layouts`): the
+    first whose every path resolves in ``module`` is returned, else the Hugging Face
+    one, which `missing_paths` then reports against. Returns ``None`` when a required
+    component of an unknown family has no known spelling in ``module``; `missing_paths`
+    then says which.
+
+    Example:
+        >>> import torch
+        >>> class Gemma2Model(torch.nn.Module):   # vLLM's: embeddings scaled outside,
+        ...     def __init__(self):               # no lm_head (tied unembedding)
+        ...         super().__init__()
+        ...         self.embed_tokens = torch.nn.Embedding(10, 4)
+        ...         self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        ...         self.layers[0].self_attn, self.layers[0].mlp = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        ...         self.norm = torch.nn.LayerNorm(4)
+        ...         self.register_buffer("normalizer", torch.tensor(2.0))
+        >>> root = torch.nn.Module()
+        >>> root.model = Gemma2Model()
+        >>> paths = paths_for("gemma2", root)
+        >>> paths.lm_head, paths.embeddings_multiplier
+        ('model.embed_tokens', 'model.normalizer')
     """
     if model_type in KNOWN_ARCHITECTURES:
-        return KNOWN_ARCHITECTURES[model_type]
+        known = KNOWN_ARCHITECTURES[model_type]
+        found = next((paths for paths in _layouts(known) if not missing_paths(module, paths)), None)
+        return _with_embeddings_multiplier(module, found) if found is not None else known
     found = _guess(module)
     if any(found[key] is None for key in ("layers", "attention", "mlp", "embeddings", "lm_head")):
         return None
-    return ModulePaths(**found)
+    return _with_embeddings_multiplier(module, ModulePaths(**found))
+
+
+def _layouts(paths: ModulePaths) -> Iterator[ModulePaths]:
+    """The module trees one family takes, most common first.
+
+    Hugging Face's (which vLLM's own models of most families follow); vLLM's generic
+    transformers back end, with the base model's paths rooted at ``model``; and for
+    each, the unembedding under another name, or tied to the embedding module.
+    """
+    base = paths.layers.split(".", 1)[0]
+    trees = [paths]
+    if base != _TRANSFORMERS_BACKEND_BASE:
+        trees.append(attrs.evolve(paths, **{key: _reroot(getattr(paths, key), base)
+                                             for key in ("layers", "embeddings", "final_norm")}))
+    for tree in trees:
+        yield tree
+        for name in _UNEMBEDDING_NAMES:
+            if name != tree.lm_head:
+                yield attrs.evolve(tree, lm_head=name)
+        yield attrs.evolve(tree, lm_head=tree.embeddings)
+
+
+def _reroot(path: str | None, base: str) -> str | None:
+    """``path`` below the base model ``base`` (``transformer.h``), as a path below vLLM's
+    transformers back end's base model (``model.h``)."""
+    if path is None or not path.startswith(base + "."):
+        return path
+    return f"{_TRANSFORMERS_BACKEND_BASE}.{path[len(base) + 1:]}"
+
+
+def _with_embeddings_multiplier(module, paths: ModulePaths) -> ModulePaths:
+    """``paths`` with the scalar the model multiplies its embeddings by, where it has
+    one outside the embedding module (vLLM's Gemma models)."""
+    if paths.embeddings_multiplier is not None or "." not in paths.embeddings:
+        return paths
+    candidate = f"{paths.embeddings.rsplit('.', 1)[0]}.{_EMBEDDINGS_MULTIPLIER_NAME}"
+    if resolve_path(module, candidate) is None:
+        return paths
+    return attrs.evolve(paths, embeddings_multiplier=candidate)
 
 
 def _guess(module) -> dict:
@@ -190,13 +277,10 @@ def missing_paths(module, paths: ModulePaths | None) -> list[str]:
     """Human-readable lines naming each component that does not resolve in ``module``."""
     problems = []
     guessed = _guess(module) if paths is None else None
-    for field in attrs.fields(ModulePaths):
-        key = field.name
-        if key == "mlp_flattens_tokens":
-            continue
+    for key in _PATH_FIELDS:
         if paths is not None:
             path = getattr(paths, key)
-            if path is None and key == "final_norm":
+            if path is None and key in _OPTIONAL:
                 continue
             base = module
             if key in ("attention", "mlp"):
@@ -205,7 +289,7 @@ def missing_paths(module, paths: ModulePaths | None) -> list[str]:
                     continue  # reported under "layers"
             if path is None or resolve_path(base, path) is None:
                 problems.append(f"{key}: no module at {path!r}")
-        elif guessed[key] is None and key != "final_norm":
+        elif guessed.get(key) is None and key not in _OPTIONAL:
             problems.append(f"{key}: none of {', '.join(_CANDIDATES[key])} exists")
     return problems
 

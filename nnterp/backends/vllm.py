@@ -10,10 +10,12 @@ Three facts about vLLM shape this module.
    ``value``, so the model carries on from precisely the written stream. Layers that
    return a single tensor (GPT-2) are read and written as they are.
 2. **Activations are flat and live.** Each request's tokens arrive as ``[tokens,
-   hidden]`` (one prompt per invoke), and vLLM's fused kernels overwrite buffers in
-   place later in the step. Reads therefore return private copies shaped like the HF
-   backend's (``[1, tokens, hidden]``), guarded so that an in-place edit of one raises
-   instead of silently doing nothing (assign to the accessor to write).
+   hidden]`` (one prompt per invoke; ``[1, tokens, hidden]`` from a family vLLM runs
+   through its generic transformers back end, such as GPT-NeoX on vLLM 0.32), and
+   vLLM's fused kernels overwrite buffers in place later in the step. Reads therefore
+   return private copies shaped like the HF backend's (``[1, tokens, hidden]``),
+   guarded so that an in-place edit of one raises instead of silently doing nothing
+   (assign to the accessor to write).
 3. **The intervention code runs in the engine's worker.** nnsight ships the body of a
    ``with model.trace(...)`` block to the worker, so everything the accessors touch
    must be picklable and importable there (this module is).
@@ -34,10 +36,11 @@ On a machine without CUDA the engine runs on vLLM's CPU backend through
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import weakref
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -200,18 +203,19 @@ class VLLMBackend(Backend):
                                         paths, eager),
         }
         engine_cls = __getattr__("NnterpVLLM")
-        if vllm_cpu.is_cpu_only():
-            if not eager:
-                raise BackendUnsupportedError(
-                    "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
-                    "there anyway); leave cuda_graphs out")
-            if "max_model_len" not in kwargs:
-                kwargs["max_model_len"] = _cpu_max_model_len(name_or_path)
-            self.model = vllm_cpu.load_cpu_vllm(name_or_path, engine_cls=engine_cls, **kwargs)
-        else:
-            kwargs.setdefault("enable_prefix_caching", False)
-            self.model = engine_cls(name_or_path, dispatch=False, **kwargs)
-            self.model.compiled = not eager
+        if vllm_cpu.is_cpu_only() and not eager:
+            raise BackendUnsupportedError(
+                "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
+                "there anyway); leave cuda_graphs out")
+        with _classes_unchanged(_hf_model_classes(name_or_path, kwargs.get("trust_remote_code", False))):
+            if vllm_cpu.is_cpu_only():
+                if "max_model_len" not in kwargs:
+                    kwargs["max_model_len"] = _cpu_max_model_len(name_or_path)
+                self.model = vllm_cpu.load_cpu_vllm(name_or_path, engine_cls=engine_cls, **kwargs)
+            else:
+                kwargs.setdefault("enable_prefix_caching", False)
+                self.model = engine_cls(name_or_path, dispatch=False, **kwargs)
+                self.model.compiled = not eager
         self._closed = False
         _OPEN_ENGINES.add(self)
         # (re-)registered after vLLM made this engine's finalizers, so that it runs
@@ -273,10 +277,20 @@ class VLLMBackend(Backend):
             out = envoy.output
             fresh = isinstance(out, tuple) and len(out) > 1 and out[1] is not None
             value = (out[0] + out[1] if fresh else out[0]) if isinstance(out, tuple) else out
-        # [tokens, hidden] -> [1, tokens, hidden]; a sum is already a private tensor, a
-        # module's own output is vLLM's buffer and is copied
-        value = value.unsqueeze(0)
+        if kind is SiteKind.EMBEDDINGS_OUTPUT and self.paths.embeddings_multiplier:
+            # vLLM's Gemma scales the embeddings after the module, HF's inside it
+            value, fresh = value * self._embeddings_multiplier(), True
+        # [tokens, hidden] -> [1, tokens, hidden] (vLLM's transformers back end keeps
+        # HF's batch of one); a sum is already a private tensor, a module's own output
+        # is vLLM's buffer and is copied
+        if value.dim() == 2:
+            value = value.unsqueeze(0)
         return value.as_subclass(ReadOnlyActivation) if fresh else _guarded(value)
+
+    def _embeddings_multiplier(self) -> torch.Tensor:
+        # the engine's own buffer (in the worker, inside a trace), so the product is the
+        # one the model computes, in its dtype
+        return resolve_path(self.model._module, self.paths.embeddings_multiplier)
 
     def add(self, kind: SiteKind, layer: int | None, delta: torch.Tensor) -> None:
         """Add ``delta`` to a site at every token, in place: one kernel, no copies.
@@ -309,6 +323,8 @@ class VLLMBackend(Backend):
                 rest[0] = torch.zeros_like(new)  # the layer's fused norm adds it: new + 0
             envoy.inputs = ((*args[:at], new, *rest), kwargs)
             return
+        if kind is SiteKind.EMBEDDINGS_OUTPUT and self.paths.embeddings_multiplier:
+            value = value / self._embeddings_multiplier()  # the model multiplies it back
         current = envoy.output
         first = current[0] if isinstance(current, tuple) else current
         # A private copy: vLLM's fused kernels write into their inputs, and the caller
@@ -510,6 +526,46 @@ def _unembed(root: Any, lm_head: Any, x: torch.Tensor, config_softcap: float | N
     if scale != 1.0:
         logits = logits * scale
     return logits
+
+
+def _hf_model_classes(name_or_path: str, trust_remote_code: bool) -> list[type]:
+    """The Hugging Face class that vLLM's transformers back end would build for this
+    model: the base model of its configuration (``GPTNeoXModel``); none if transformers
+    maps no base model to it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        return [MODEL_MAPPING[type(config)]]
+    except KeyError:
+        return []
+
+
+@contextlib.contextmanager
+def _classes_unchanged(classes: Sequence[type]) -> Iterator[None]:
+    """Undo, on leaving, whatever the block did to ``classes``.
+
+    nnsight builds the engine's module tree in this process too (on the meta device), and
+    for a family vLLM runs through its generic transformers back end, building it
+    decorates Hugging Face's own class in place for torch.compile (new base class,
+    ``__init__`` and ``__call__``). Every model of that class in the process would then
+    go through vLLM's compiler wrapper: a GPT-NeoX loaded on the HF backend before the
+    engine failed with "'GPTNeoXModel' object has no attribute 'do_not_compile'". The
+    engine's own processes, which run the model, are not affected by the undo.
+    """
+    saved = [(cls, cls.__bases__, dict(cls.__dict__)) for cls in classes]
+    try:
+        yield
+    finally:
+        for cls, bases, namespace in saved:
+            for name in [name for name in cls.__dict__ if name not in namespace]:
+                delattr(cls, name)
+            for name, value in namespace.items():
+                if cls.__dict__.get(name) is not value:
+                    setattr(cls, name, value)
+            if cls.__bases__ != bases:
+                cls.__bases__ = bases
 
 
 def _cpu_max_model_len(name_or_path: str) -> int:
