@@ -24,6 +24,7 @@ from nnterp.backends.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.dsl.plan import Execution, Plan, Sampling
+from nnterp.dsl.recorded import Recorder
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 from nnterp.sites import SiteKind
@@ -214,14 +215,14 @@ class HFBackend(Backend):
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
         pads = (encoded["attention_mask"] == 0).sum(dim=1).tolist()
         rows = list(range(len(prompts)))
-        store: dict = {}
+        store = Recorder()
         scratch: dict = {}
         if plan.needs_grad:
             with torch.enable_grad(), self.trace(prompts):
                 run_step(self, plan, 0, rows, pads, store, scratch)
                 next_ids = self.read(SiteKind.LOGITS, None)[:, -1].argmax(-1).save()
             _wait_for_device()
-            return Execution(store, [[int(t)] for t in next_ids], _EXECUTOR)
+            return Execution(store.recorded(), [[int(t)] for t in next_ids], _EXECUTOR)
         steps = plan.max_step + 1
         fed: list = []  # the token each forward pass after the first was fed: [rows] per step
         result: list = []
@@ -246,7 +247,7 @@ class HFBackend(Backend):
         _wait_for_device()
         # finished rows are padded with the pad (= eos) token; keep up to the first eos
         tokens = [row[: row.index(eos) + 1] if eos in row else row for row in generated]
-        return Execution(store, tokens, _EXECUTOR)
+        return Execution(store.recorded(), tokens, _EXECUTOR)
 
     def project_on_vocab(self, hidden: Any) -> Any:
         # Direct module calls: inside a trace they run as ordinary torch code on the

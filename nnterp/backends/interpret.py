@@ -39,6 +39,7 @@ from nnterp.dsl.plan import (
     SteerOp,
     ZeroOp,
 )
+from nnterp.dsl.recorded import Recorder
 from nnterp.sites import SiteKind
 
 __all__ = ["run_step", "generation_may_end_early"]
@@ -77,23 +78,30 @@ def _columns(positions: Any, pad: int, length: int, step: int) -> list[int] | No
 
 
 def _store(backend: Any, op: ReadOp | LensOp, step: int, rows: list[int], picked: torch.Tensor,
-           store: dict) -> None:
+           store: Any) -> None:
     """Store a read (or its lens) for each row of ``picked`` (``[rows, ..., width]``)."""
+    layer = op.layer if isinstance(op, LensOp) else None
     if isinstance(op, ReadOp):
-        batch = _keep(picked)
-        for b, prompt in enumerate(rows):
-            store[OutputKey(op.name, step=step, prompt=prompt)] = batch[b]
+        _record(store, op, layer, step, rows, _keep(picked))
         return
     probs = torch.softmax(backend.project_on_vocab(picked).float(), dim=-1)
     if op.top_k is not None:
         top = probs.topk(op.top_k, dim=-1)
-        values, indices = _keep(top.values), _keep(top.indices)
-        for b, prompt in enumerate(rows):
-            store[OutputKey(op.name, step=step, prompt=prompt, layer=op.layer)] = (values[b], indices[b])
+        _record(store, op, layer, step, rows, (_keep(top.values), _keep(top.indices)))
     else:
-        batch = _keep(probs)
-        for b, prompt in enumerate(rows):
-            store[OutputKey(op.name, step=step, prompt=prompt, layer=op.layer)] = batch[b]
+        _record(store, op, layer, step, rows, _keep(probs))
+
+
+def _record(store: Any, op: ReadOp | LensOp, layer: int | None, step: int, rows: list[int], batch: Any) -> None:
+    """``batch`` (one entry per row, or a pair of such tensors) into ``store``: a
+    `Recorder` takes it whole; a dict (nnsight's vLLM executor, one request per row)
+    gets one entry per row."""
+    if isinstance(store, Recorder):
+        store.add_rows(op.name, layer, step, rows, batch, single=isinstance(op.positions, int))
+        return
+    for b, prompt in enumerate(rows):
+        key = OutputKey(op.name, step=step, prompt=prompt, layer=layer)
+        store[key] = tuple(t[b] for t in batch) if isinstance(batch, tuple) else batch[b]
 
 
 def _gather(value: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
@@ -135,7 +143,7 @@ class _Pass:
 
     __slots__ = ("backend", "step", "rows", "pads", "store", "scratch")
 
-    def __init__(self, backend: Any, step: int, rows: list[int], pads: list[int], store: dict,
+    def __init__(self, backend: Any, step: int, rows: list[int], pads: list[int], store: Any,
                  scratch: dict) -> None:
         self.backend, self.step, self.rows, self.pads = backend, step, rows, pads
         self.store, self.scratch = store, scratch
@@ -153,7 +161,7 @@ class _Pass:
         return [0] * len(self.rows) if op.site.kind is SiteKind.LOGITS else self.pads
 
 
-def run_step(backend: Any, plan: Plan, step: int, rows: list[int], pads: list[int], store: dict,
+def run_step(backend: Any, plan: Plan, step: int, rows: list[int], pads: list[int], store: Any,
              scratch: dict) -> None:
     """Apply every op of ``plan`` active at generation ``step`` to this forward pass.
 
@@ -163,7 +171,8 @@ def run_step(backend: Any, plan: Plan, step: int, rows: list[int], pads: list[in
         step: 0 for the prompt's forward pass, k for the k-th token generated after it.
         rows: the prompt index of each batch row.
         pads: the left padding of each batch row.
-        store: results, keyed by `OutputKey`.
+        store: where results go: a `Recorder` (whole batches), or a dict keyed by
+            `OutputKey` (one request at a time, in nnsight's vLLM worker).
         scratch: state kept across the steps of one run: activations captured for
             gradients (until the gradient op), steering vectors already on the device.
     """

@@ -22,7 +22,7 @@ import torch
 
 from nnterp.dsl.plan import OutputKey
 
-__all__ = ["Recorded", "KeyedValues", "Block", "BlockValues", "as_recorded"]
+__all__ = ["Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded"]
 
 
 class Recorded(Mapping):
@@ -111,12 +111,14 @@ class Block:
 
 
 class BlockValues(Recorded):
-    """Recorded values as `Block`s, one per op."""
+    """Recorded values as `Block`s, one per op, and any values recorded one key at a time
+    (``keyed``: attention probabilities, gradients)."""
 
-    def __init__(self, blocks: Sequence[Block]) -> None:
+    def __init__(self, blocks: Sequence[Block], keyed: Mapping[OutputKey, Any] | None = None) -> None:
         self._blocks = {(block.name, block.layer): block for block in blocks}
         if len(self._blocks) != len(blocks):
             raise ValueError("two blocks record the same output and layer")
+        self._extra = dict(keyed or {})
         self._keyed: dict[OutputKey, Any] | None = None
 
     # -- whole stacks ----------------------------------------------------------------------
@@ -146,15 +148,16 @@ class BlockValues(Recorded):
     def before_end(self, generated: Sequence[int]) -> "BlockValues":
         reached = np.asarray(generated, dtype=np.int64)
         blocks = [block.where(block.meta[:, 1] < reached[block.meta[:, 0]]) for block in self._blocks.values()]
-        if all(new is old for new, old in zip(blocks, self._blocks.values())):
+        extra = {key: value for key, value in self._extra.items() if key.step < reached[key.prompt]}
+        if all(new is old for new, old in zip(blocks, self._blocks.values())) and len(extra) == len(self._extra):
             return self
-        return BlockValues(blocks)
+        return BlockValues(blocks, extra)
 
     # -- one key at a time ---------------------------------------------------------------
 
     def _by_key(self) -> dict[OutputKey, Any]:
         if self._keyed is None:
-            self._keyed = {}
+            self._keyed = dict(self._extra)
             for block in self._blocks.values():
                 self._keyed.update(_split_block(block))
         return self._keyed
@@ -183,3 +186,55 @@ def _split_block(block: Block) -> dict[OutputKey, Any]:
         key = OutputKey(block.name, step=int(keys[start, 1]), prompt=int(keys[start, 0]), layer=block.layer)
         values[key] = tuple(parts) if isinstance(block.data, tuple) else parts[0]
     return values
+
+
+class Recorder:
+    """Collects a run's values as an executor produces them: each op's rows a batch at a
+    time (`add_rows`), or one value per key (``recorder[key] = value``).
+
+    An executor that runs all prompts as one batch (the HF backend) records a read of a
+    thousand prompts with one call instead of a thousand dict entries; `recorded` then
+    joins each op's batches into one sorted `Block`.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: dict[tuple[str, int | None], list[tuple[np.ndarray, Any]]] = {}
+        self._single: dict[tuple[str, int | None], bool] = {}
+        self._keyed: dict[OutputKey, Any] = {}
+
+    def __setitem__(self, key: OutputKey, value: Any) -> None:
+        self._keyed[key] = value
+
+    def add_rows(self, name: str, layer: int | None, step: int, prompts: Sequence[int], data: Any,
+                 single: bool) -> None:
+        """Record ``data`` for ``prompts`` at ``step``: ``[prompts, ...]`` when the op reads
+        one position (``single``), else ``[prompts, rows each, ...]`` (its listed
+        positions, or a prompt's every token). ``data`` may be a tuple of such tensors."""
+        tensors = data if isinstance(data, tuple) else (data,)
+        n = len(prompts)
+        per = 1 if single else int(tensors[0].shape[1])
+        meta = np.empty((n * per, 3), dtype=np.int64)
+        meta[:, 0] = np.repeat(np.asarray(prompts, dtype=np.int64), per)
+        meta[:, 1] = step
+        meta[:, 2] = np.tile(np.arange(per), n)
+        if not single:
+            tensors = tuple(t.reshape(n * per, *t.shape[2:]) for t in tensors)
+        key = (name, layer)
+        if self._single.setdefault(key, single) != single:
+            raise ValueError(f"output {name!r}: rows recorded both as single values and as lists")
+        self._chunks.setdefault(key, []).append((meta, tensors if isinstance(data, tuple) else tensors[0]))
+
+    def recorded(self) -> BlockValues:
+        """Everything recorded (read it once the values' copies have landed)."""
+        blocks = []
+        for (name, layer), chunks in self._chunks.items():
+            meta = np.concatenate([m for m, _ in chunks])
+            pair = isinstance(chunks[0][1], tuple)
+            fields = [torch.cat([c[1][i] if pair else c[1] for c in chunks]) for i in range(2 if pair else 1)]
+            order = np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0]))
+            if not np.all(order[1:] > order[:-1]):
+                index = torch.from_numpy(order)
+                meta, fields = meta[order], [f[index] for f in fields]
+            blocks.append(Block(name, layer, self._single[(name, layer)], meta,
+                                tuple(fields) if pair else fields[0]))
+        return BlockValues(blocks, self._keyed)

@@ -100,3 +100,25 @@ def test_a_plain_dict_becomes_keyed_values_and_bad_blocks_are_refused():
     block = _block("r", True, [(0, 0, 0)])
     with pytest.raises(ValueError, match="same output"):
         BlockValues([block, block])
+
+
+def test_a_recorder_joins_batches_into_sorted_blocks():
+    from nnterp.dsl.recorded import Recorder
+
+    recorder = Recorder()
+    for step in range(3):  # an executor records step by step; blocks are by prompt first
+        recorder.add_rows("r", None, step, [0, 1], torch.tensor([[10.0 * step], [10.0 * step + 1]]), single=True)
+        recorder.add_rows("two", None, step, [0, 1], torch.arange(4.0).reshape(2, 2, 1) + 100 * step, single=False)
+    pair = (torch.tensor([[0.5, 0.25]]), torch.tensor([[7, 3]]))
+    recorder.add_rows("lens", 4, 0, [1], pair, single=True)
+    recorder[OutputKey("probs", step=0, prompt=0)] = torch.ones(2, 2)
+    values = recorder.recorded()
+    assert values[OutputKey("r", step=2, prompt=1)].tolist() == [21.0]
+    assert values.stacked("r", None, 1, 2).tolist() == [[10.0], [11.0]]
+    assert values[OutputKey("two", step=1, prompt=1)].tolist() == [[102.0], [103.0]]
+    assert values.stacked("two", None, 0, 2).shape == (2, 2, 1)
+    assert _equal(values[OutputKey("lens", step=0, prompt=1, layer=4)], (pair[0][0], pair[1][0]))
+    assert values[OutputKey("probs", step=0, prompt=0)].shape == (2, 2)
+    assert OutputKey("probs", step=0, prompt=0) not in values.before_end([0, 1])
+    with pytest.raises(ValueError, match="both as single values and as lists"):
+        recorder.add_rows("r", None, 0, [0], torch.zeros(1, 2, 1), single=False)
