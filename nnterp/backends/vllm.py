@@ -402,7 +402,8 @@ class VLLMBackend(Backend):
         requests = [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
                     for ids, prompt in zip(token_ids, prompts)]
         try:
-            outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
+            with _vllm_steps_only(llm.llm_engine):
+                outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
         finally:
             # always: it also uninstalls the plan, so the engine is ready for the next
             replies = llm.collective_rpc("nnterp_collect", args=(plan_id,))
@@ -646,6 +647,25 @@ def _build_tracer_class() -> type:
     NnterpVLLMTracer.__module__ = __name__
     NnterpVLLMTracer.__qualname__ = "NnterpVLLMTracer"
     return NnterpVLLMTracer
+
+
+@contextlib.contextmanager
+def _vllm_steps_only(engine: Any) -> Iterator[None]:
+    """Run ``engine``'s steps as vLLM's own for the duration.
+
+    nnsight's engine (an eager engine's class) asks every worker, at each step in which
+    requests finish, for what their interventions saved: one blocking round trip per
+    step. A batched run has no nnsight requests and collects its results once at the
+    end, so while it runs the engine steps as the ``LLMEngine`` it extends.
+    """
+    own = type(engine)
+    plain = next((cls for cls in own.__mro__ if cls.__name__ == "LLMEngine" and cls.__module__.startswith("vllm.")),
+                 own)
+    engine.__class__ = plain
+    try:
+        yield
+    finally:
+        engine.__class__ = own
 
 
 def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
