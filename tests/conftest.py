@@ -90,7 +90,7 @@ def vllm_models(tiny_dir):
     def load(family: str):
         if family not in cache:
             path = "bundled" if family == "bundled" else tiny_dir(family)
-            cache[family] = StandardizedTransformer(path, backend="vllm", **engine_kwargs())
+            cache[family] = StandardizedTransformer(path, backend="vllm", **engine_kwargs(tiny=family != "bundled"))
         return cache[family]
 
     yield load
