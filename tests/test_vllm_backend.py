@@ -21,7 +21,7 @@ import torch
 
 import tiny_models
 from nnterp import BackendUnsupportedError, PromptTooLongError, StandardizedTransformer
-from nnterp.dsl import Graph, Lens, Read, Sampling, Steer, run
+from nnterp.dsl import Graph, Lens, Patch, Read, Sampling, Steer, run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -330,22 +330,6 @@ def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenize
 
 EXECUTORS = ["batched", "nnsight"]
 PROMPTS = [PROMPT, "One, two, three, four, five, six"]
-# What the batch-wide executor (`nnterp.backends.vllm_batch`, issue 13's) does not serve
-# yet. Each is left out of the tests above, and tested by a strict xfail at the end of this
-# file, which fails the day it works, so that the exception is removed.
-#: vLLM's Gemma models scale the embeddings after the embedding module (the scale's path is
-#: `ModulePaths.embeddings_multiplier`); the executor's hook reads and edits the module's
-#: unscaled output.
-BATCHED_UNSCALED_EMBEDDINGS = ("gemma2", "gemma3")
-#: A family vLLM runs through its transformers back end (GPT-NeoX on vLLM 0.32) has
-#: activations [1, tokens, hidden]; the executor's hooks expect [tokens, hidden] and fail in
-#: the worker, which kills the engine, so no such run is made on the shared engine but the last.
-BATCHED_BATCH_OF_ONE = "the batch-wide executor's hooks expect [tokens, hidden], not [1, tokens, hidden]"
-
-
-def _batch_of_one(model) -> bool:
-    """Whether vLLM runs ``model`` through its generic transformers back end."""
-    return type(model.nnsight_model._module).__name__ == "TransformersForCausalLM"
 
 
 @contextlib.contextmanager
@@ -404,10 +388,7 @@ def _assert_lens_close(got, want, logits, what):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_site_and_a_lens_match_hf_on_both_executors(family, executor, hf_models, vllm_models):
     hf, vllm = hf_models(family), vllm_models(family)
-    if executor == "batched" and _batch_of_one(vllm):
-        pytest.xfail(f"not run, it would kill the engine: {BATCHED_BATCH_OF_ONE}")
-    # the embeddings of these are tested by the strict xfail at the end of the file
-    graph = _every_site(hf.num_layers, not (executor == "batched" and family in BATCHED_UNSCALED_EMBEDDINGS))
+    graph = _every_site(hf.num_layers)
     want = run(graph, hf, PROMPTS)
     with _executor(vllm, executor):
         got = run(graph, vllm, PROMPTS)
@@ -427,8 +408,6 @@ def test_every_site_and_a_lens_match_hf_on_both_executors(family, executor, hf_m
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_steer_gives_hf_greedy_tokens_on_both_executors(family, executor, hf_models, vllm_models):
     hf, vllm = hf_models(family), vllm_models(family)
-    if executor == "batched" and _batch_of_one(vllm):
-        pytest.xfail(f"not run, it would kill the engine: {BATCHED_BATCH_OF_ONE}")
     # a steering-sized vector, as in the intervention tests, at every position and step
     vector = 0.25 * torch.randn(hf.hidden_size, generator=torch.Generator().manual_seed(1))
     graph = Steer(hf.num_layers // 2, vector) >> Read("logits", steps="all")
@@ -448,28 +427,20 @@ def test_a_steer_gives_hf_greedy_tokens_on_both_executors(family, executor, hf_m
     assert (got["logits"][0][0].float().cpu() - clean["logits"][0].float().cpu()).abs().max() > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="the batch-wide executor reads vLLM Gemma's unscaled embeddings "
-                                       "(BATCHED_UNSCALED_EMBEDDINGS)")
-@pytest.mark.parametrize("family", BATCHED_UNSCALED_EMBEDDINGS)
-def test_the_batched_executor_reads_gemma_embeddings_scaled(family, hf_models, vllm_models):
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_embeddings_are_read_and_written_scaled(family, executor, hf_models, vllm_models):
+    # vLLM's Gemma multiplies the embedding module's output by sqrt(hidden) afterwards,
+    # HF's module does it itself: both executors must read the product and write a value
+    # that the model's own multiplication turns into exactly what was written
     hf, vllm = hf_models(family), vllm_models(family)
-    graph = Read("embeddings.output", positions=None)
+    value = torch.randn(1, hf.hidden_size, generator=torch.Generator().manual_seed(2))
+    graph = (Patch("embeddings.output", value=value, positions=0) >> Read("embeddings.output", positions=None)
+             >> Read("layers[0].output", positions=None))
     want = run(graph, hf, PROMPTS)
-    with _executor(vllm, "batched"):
+    with _executor(vllm, executor):
         got = run(graph, vllm, PROMPTS)
-    _assert_reads_close(got, want, ["embeddings.output"], f"{family} batched")
+    for row in range(len(PROMPTS)):
+        assert torch.allclose(got["embeddings.output"][row][0].float().cpu(), value[0], atol=1e-3)
+    _assert_reads_close(got, want, ["embeddings.output", "layers[0].output"], f"{family} {executor}")
 
-
-# Last in the file: while it fails, it kills the engine it runs on.
-@pytest.mark.xfail(strict=True, reason=BATCHED_BATCH_OF_ONE)
-def test_the_batched_executor_runs_families_of_vllms_transformers_backend(hf_models, vllm_models):
-    hf, vllm = hf_models("gpt_neox"), vllm_models("gpt_neox")
-    if not _batch_of_one(vllm):
-        pytest.xfail("this vLLM runs GPT-NeoX with its own model, tested with the other families")
-    graph = _every_site(hf.num_layers) >> Steer(1, torch.ones(hf.hidden_size))
-    want = run(graph, hf, PROMPTS, sampling=Sampling(max_tokens=3))
-    with _executor(vllm, "batched"):
-        got = run(graph, vllm, PROMPTS, sampling=Sampling(max_tokens=3))
-    assert got.tokens == want.tokens
-    _assert_reads_close(got, want, [name for name in want.keys() if name not in ("logits", "lens")],
-                        "gpt_neox batched")

@@ -117,42 +117,66 @@ class _DeviceState(torch.nn.Module):
 
 
 def _split(value: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden, residual) of a module's output or a layer's input; the stream is their sum."""
+    """(hidden, residual) of a module's output or a layer's input; the stream is their sum.
+
+    Views of ``[tokens, hidden]``: vLLM's generic transformers back end keeps Hugging
+    Face's batch of one, ``[1, tokens, hidden]``; its view shares the memory, so an
+    in-place edit of it edits the model's tensor."""
     if isinstance(value, tuple):
         residual = value[1] if len(value) > 1 and isinstance(value[1], torch.Tensor) else None
-        return value[0], residual
-    return value, None
+        hidden = value[0]
+    else:
+        hidden, residual = value, None
+    if hidden.dim() == 3:
+        hidden = hidden[0]
+        residual = residual[0] if residual is not None else None
+    return hidden, residual
 
 
-def _apply(state: _DeviceState, site: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+def _apply(state: _DeviceState, site: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+           multiplier: torch.Tensor | None = None) -> None:
     # Capture the raw stream, then edit it in place: the graph reads its own memory, so
-    # an in-place edit is what a replayed CUDA graph sees.
+    # an in-place edit is what a replayed CUDA graph sees. `multiplier`: the site's value
+    # is the module's output times it (vLLM's Gemma scales its embeddings after the
+    # module), so reads see the product and an edit's vector is divided by it.
     n = hidden.shape[0]
     stream = hidden if residual is None else hidden + residual
+    if multiplier is not None:
+        stream = stream * multiplier
     state.captured.index_copy_(0, state.dest[site, :n], stream)
     scale = state.scale[site, :n, None].to(hidden.dtype)
-    hidden.mul_(scale).add_(state.vector[state.row[site, :n]])
+    vector = state.vector[state.row[site, :n]]
+    hidden.mul_(scale).add_(vector if multiplier is None else vector / multiplier)
     if residual is not None:
         residual.mul_(scale)
 
 
-def _after_module(site: int, module: torch.nn.Module, args: Any, output: Any) -> None:
+def _after_module(site: int, multiplier: torch.Tensor | None, module: torch.nn.Module, args: Any,
+                  output: Any) -> None:
     state = module.nnterp_state
     if state.eager and not state.active[site]:
         return None
     hidden, residual = _split(output)
-    _apply(state, site, hidden, residual)
+    _apply(state, site, hidden, residual, multiplier)
     return None
 
 
-def _before_layer(site: int, module: torch.nn.Module, args: tuple) -> None:
+def _before_layer(site: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     state = module.nnterp_state
     if state.eager and not state.active[site]:
         return None
-    # Llama-family layers take (positions, hidden, residual); GPT-2 blocks (hidden,)
-    at = next(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor) and arg.is_floating_point())
-    residual = args[at + 1] if at + 1 < len(args) and isinstance(args[at + 1], torch.Tensor) else None
-    _apply(state, site, args[at], residual)
+    # Llama-family layers take (positions, hidden, residual), GPT-2 blocks (hidden,);
+    # Hugging Face layers (vLLM's transformers back end) may take hidden_states by name
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    at = next((i for i, arg in enumerate(tensors) if arg.is_floating_point()), None)
+    if at is None:
+        hidden, residual = _split(kwargs["hidden_states"])
+    else:
+        # the residual follows the hidden states, and has their shape (a mask would not)
+        following = tensors[at + 1] if at + 1 < len(tensors) else None
+        residual = following if following is not None and following.shape == tensors[at].shape else None
+        hidden, residual = _split((tensors[at], residual))
+    _apply(state, site, hidden, residual)
     return None
 
 
@@ -261,15 +285,18 @@ class _Engine:
         capacity = max(tokens, int(config["capture_bytes"]) // (hidden * itemsize))
         self.state = _DeviceState(len(self.sites), tokens, hidden, int(config["vector_rows"]), capacity,
                                   parameter.dtype, parameter.device, bool(config["eager"]))
+        multiplier = (resolve_path(model, self.paths.embeddings_multiplier)
+                      if getattr(self.paths, "embeddings_multiplier", None) else None)
         for index, (kind, layer) in enumerate(self.sites):
             # a layer's input and output are two sites of one module: the site is bound
             # to the hook, the tables are the module's (shared) buffers
             module = resolve_path(model, self.paths.module_path(kind, layer))
             module.nnterp_state = self.state
             if kind is SiteKind.LAYERS_INPUT:
-                module.register_forward_pre_hook(functools.partial(_before_layer, index))
+                module.register_forward_pre_hook(functools.partial(_before_layer, index), with_kwargs=True)
             else:
-                module.register_forward_hook(functools.partial(_after_module, index))
+                scaled = multiplier if kind is SiteKind.EMBEDDINGS_OUTPUT else None
+                module.register_forward_hook(functools.partial(_after_module, index, scaled))
         self.final_norm = resolve_path(model, self.paths.final_norm) if self.paths.final_norm else None
         processor = getattr(model, "logits_processor", None)
         if processor is not None:
