@@ -17,7 +17,9 @@ def engine_kwargs(tiny: bool = False) -> dict:
 
     kwargs = {"dtype": TEST_DTYPE}
     if torch.cuda.is_available():
-        kwargs.update(gpu_memory_utilization=0.08, max_model_len=512)
+        # NNTERP_TEST_GPU_MEMORY: a smaller slice, to run several test sessions on one GPU
+        share = float(os.environ.get("NNTERP_TEST_GPU_MEMORY", "0.08"))
+        kwargs.update(gpu_memory_utilization=share, max_model_len=512)
     elif tiny:
         kwargs.update(kv_cache_memory_bytes=32 * 2**20)
     return kwargs
