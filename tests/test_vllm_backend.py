@@ -12,6 +12,7 @@ token's largest feature (see `assert_close_per_token`).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import attrs
 import nnsight
@@ -444,3 +445,21 @@ def test_gemma_embeddings_are_read_and_written_scaled(family, executor, hf_model
         assert torch.allclose(got["embeddings.output"][row][0].float().cpu(), value[0], atol=1e-3)
     _assert_reads_close(got, want, ["embeddings.output", "layers[0].output"], f"{family} {executor}")
 
+
+
+def test_a_float32_gpu_engine_starts_with_full_float32_and_the_environment_is_restored(monkeypatch):
+    # Measured on an H200: without these, vLLM's float32 attention (Triton) multiplies in
+    # TF32 and the residual stream sits 1e-4 from HF's; with them, 5e-8.
+    from nnterp.backends.vllm import FLOAT32_ENVIRONMENT, _environment, float32_engine_environment
+
+    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+    monkeypatch.setenv("VLLM_FLOAT32_MATMUL_PRECISION", "high")  # the user's choice is kept
+    assert float32_engine_environment("float32", cpu=False) == {"TRITON_F32_DEFAULT": "ieee"}
+    assert float32_engine_environment(torch.float32, cpu=False) == {"TRITON_F32_DEFAULT": "ieee"}
+    assert float32_engine_environment("bfloat16", cpu=False) == {}
+    assert float32_engine_environment(None, cpu=False) == {}  # vLLM's "auto" never runs float32
+    assert float32_engine_environment("float32", cpu=True) == {}
+    assert set(FLOAT32_ENVIRONMENT) == {"TRITON_F32_DEFAULT", "VLLM_FLOAT32_MATMUL_PRECISION"}
+    with _environment({"TRITON_F32_DEFAULT": "ieee"}):
+        assert os.environ["TRITON_F32_DEFAULT"] == "ieee"
+    assert "TRITON_F32_DEFAULT" not in os.environ
