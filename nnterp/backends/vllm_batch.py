@@ -43,7 +43,7 @@ import torch
 
 from nnterp.backends.batch_program import HOOKABLE, PlanProgram, TokenBatch, VectorTable
 from nnterp.dsl.plan import LensOp, PatchOp, Plan, ZeroOp
-from nnterp.dsl.recorded import Block, BlockValues
+from nnterp.dsl.recorded import Block, BlockValues, block_order
 from nnterp.rename import ModulePaths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
@@ -543,16 +543,15 @@ def _ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict) -> bytes
     size = 0
     for index, chunks in values.items():
         meta = np.concatenate([m for _, m in chunks])
-        order = np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0]))
-        in_order = bool(np.all(order[1:] > order[:-1]))
-        rank = None if in_order else np.argsort(order)  # each row's place in the output
+        order = block_order(meta)
+        rank = None if order is None else np.argsort(order)  # each row's place in the output
         fields = chunks[0][0] if isinstance(chunks[0][0], tuple) else (chunks[0][0],)
         layout = []
         for i, first in enumerate(fields):
             parts = [c[0][i] if isinstance(c[0], tuple) else c[0] for c in chunks]
             layout.append((parts, first.dtype, tuple(first.shape[1:])))
-            size += _aligned(len(meta) * first[:1].numel() * first.element_size())
-        plans.append((index, meta[order] if rank is not None else meta, rank, layout,
+            size += _aligned(_nbytes(len(meta), first.dtype, tuple(first.shape[1:])))
+        plans.append((index, meta if order is None else meta[order], rank, layout,
                       isinstance(chunks[0][0], tuple)))
     path, buffer, offset = None, None, 0
     if size > _INLINE_BYTES:
@@ -569,10 +568,9 @@ def _ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict) -> bytes
         for parts, dtype, shape in layout:
             rows = len(meta)
             if buffer is not None:
-                nbytes = rows * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-                out = buffer[offset:offset + nbytes].view(dtype).view(rows, *shape)
+                out = _file_view(buffer, offset, rows, dtype, shape)
                 described.append(("file", offset, dtype, shape))
-                offset += _aligned(nbytes)
+                offset += _aligned(_nbytes(rows, dtype, shape))
             else:
                 out = torch.empty((rows, *shape), dtype=dtype)
                 described.append(("tensor", out))
@@ -591,6 +589,17 @@ def _ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict) -> bytes
 
 def _aligned(nbytes: int) -> int:
     return (nbytes + 63) // 64 * 64
+
+
+def _nbytes(rows: int, dtype: torch.dtype, shape: tuple) -> int:
+    """Bytes of a ``[rows, *shape]`` tensor of ``dtype``."""
+    return rows * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+
+
+def _file_view(buffer: torch.Tensor, offset: int, rows: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """The ``[rows, *shape]`` tensor at ``offset`` of the shared file's bytes (worker and
+    client lay the file out alike)."""
+    return buffer[offset:offset + _nbytes(rows, dtype, shape)].view(dtype).view(rows, *shape)
 
 
 #: Device memory one slice of a lens's probabilities may take (float32, rows x vocabulary).
@@ -645,8 +654,7 @@ def read_blocks(plan: Plan, reply: bytes) -> tuple[BlockValues, dict]:
                 tensors.append(entry[1])
             else:
                 _, offset, dtype, shape = entry
-                nbytes = len(meta) * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-                tensors.append(buffer[offset:offset + nbytes].view(dtype).view(len(meta), *shape))
+                tensors.append(_file_view(buffer, offset, len(meta), dtype, shape))
         op = plan.ops[index]
         blocks.append(Block(op.name, op.layer if isinstance(op, LensOp) else None,
                             isinstance(op.positions, int), meta, tuple(tensors) if is_tuple else tensors[0]))

@@ -22,7 +22,7 @@ import torch
 
 from nnterp.dsl.plan import OutputKey
 
-__all__ = ["Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded"]
+__all__ = ["Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded", "block_order"]
 
 
 class Recorded(Mapping):
@@ -69,6 +69,14 @@ def _check_meta(meta: Any) -> np.ndarray:
     if meta.ndim != 2 or meta.shape[1] != 3:
         raise ValueError(f"a block's meta must be [rows, 3] (prompt, step, order), got shape {meta.shape}")
     return meta
+
+
+def block_order(meta: np.ndarray) -> np.ndarray | None:
+    """The permutation that sorts rows recorded in ``meta`` order into a `Block`'s order,
+    ``(prompt, step, order)``; None when they already are (as rows recorded step by
+    step in prompt order mostly are)."""
+    order = np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0]))
+    return None if np.all(order[1:] > order[:-1]) else order
 
 
 @attrs.frozen(eq=False)
@@ -231,8 +239,8 @@ class Recorder:
             meta = np.concatenate([m for m, _ in chunks])
             pair = isinstance(chunks[0][1], tuple)
             fields = [torch.cat([c[1][i] if pair else c[1] for c in chunks]) for i in range(2 if pair else 1)]
-            order = np.lexsort((meta[:, 2], meta[:, 1], meta[:, 0]))
-            if not np.all(order[1:] > order[:-1]):
+            order = block_order(meta)
+            if order is not None:
                 index = torch.from_numpy(order)
                 meta, fields = meta[order], [f[index] for f in fields]
             blocks.append(Block(name, layer, self._single[(name, layer)], meta,
