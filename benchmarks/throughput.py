@@ -23,10 +23,12 @@ Systems:
 * ``nnsight-vllm`` (and ``nnsight-hf`` when named in ``--systems``): the same work written
   by hand against nnsight;
 * ``...-tp2``: steer at tensor parallel 2 (``--tp2``, needs two GPUs), with NVLink
-  multicast kept off for vanilla and nnterp alike (`TP_SAFE_CONFIG`, `TP_SAFE_ENV`).
+  multicast kept off for vanilla and nnterp alike (`nvlink_multicast=False`).
 
-The slow systems (per-request nnsight, HF) run a share of each workload
-(`SLOW_SHARE`); rates are per token or prompt. Every system is timed after a warm-up on
+The slow systems (nnsight's per-request interventions on vLLM) run a share of each
+workload (`SLOW_SHARE`); rates are per token or prompt. HF runs every workload whole:
+a lens or collect there is one padded forward pass, and at an eighth of the prompts
+(0.1-0.4 s on an H200) a ratio would mostly measure the per-run cost. Every system is timed after a warm-up on
 the same prompts, ``--repeats`` times (median, default 3). Generated tokens are compared
 between systems that do the same work. Results go to ``OUT/throughput-<preset>.json``
 and ``.md``. Models are built on the machine: random-weight Llama configurations
@@ -76,12 +78,6 @@ PRESETS = {
 #: their rate is per prompt or token, so a smaller run measures it in less device time.
 SLOW_SHARE = {"1b": 0.125, "8b": 0.125, "cpu": 1.0}
 
-#: Settings for every tensor-parallel engine on the GPU hosts, vanilla and nnterp alike:
-#: vLLM 0.26 at TP > 1 picks FlashInfer's all-reduce + RMSNorm fusion, whose "mnnvl"
-#: backend builds NVLink multicast objects, which these hosts must never use.
-TP_SAFE_CONFIG = {"pass_config": {"fuse_allreduce_rms": False}}
-TP_SAFE_ENV = {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-               "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 TOP_K = 5
 
@@ -489,18 +485,20 @@ def _wait_for_gpu_memory(fraction: float = 0.8, timeout: float = 60.0) -> None:
 def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts: list[str], layer: int,
                     vector: torch.Tensor, n_tokens: int, generated: Callable) -> None:
     """Steering at tensor parallel 2: the DSL on a compiled engine, then vanilla vLLM, both
-    with the settings that keep NVLink multicast off (`TP_SAFE_CONFIG`, `TP_SAFE_ENV`)."""
+    kept off NVLink multicast, which the GPU hosts must never use: the DSL's engine with
+    ``nvlink_multicast=False``, vanilla vLLM with the same settings
+    (`nnterp.backends.vllm_settings.without_multicast`)."""
     from vllm import LLM
 
     from nnterp import StandardizedTransformer
+    from nnterp.backends.vllm_settings import without_multicast
 
-    for key, value in TP_SAFE_ENV.items():
-        os.environ[key] = value  # read by the engine processes, which inherit them
-    config = {**sizes.get("compilation_config", {}), **TP_SAFE_CONFIG}
+    vanilla, environment = without_multicast({**engine, **sizes})
+    os.environ.update(environment)  # read by vanilla's engine processes, which inherit them
     few = prompts[:8]
     try:
         model = StandardizedTransformer(path, backend="vllm", cuda_graphs=True, tensor_parallel_size=2,
-                                        **engine, compilation_config=config)
+                                        nvlink_multicast=False, **engine, **sizes)
         bench.time("steer", "dsl-vllm-graphs-tp2", lambda: dsl_steer(model, prompts, layer, vector, n_tokens),
                    lambda: dsl_steer(model, few, layer, vector, 8), generated, "tok")
         model.close()
@@ -510,8 +508,7 @@ def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts
     _free()
     _wait_for_gpu_memory()
     try:
-        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, compilation_config=config,
-                  **engine)
+        llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, **vanilla)
         bench.time("steer", "vllm-graphs-tp2", lambda: vllm_generate(llm, prompts, n_tokens),
                    lambda: vllm_generate(llm, few, 8), generated, "tok")
         _shutdown_llm(llm)
@@ -619,15 +616,13 @@ def main() -> None:
         hf, nn = model.nnsight_model._module, model.nnsight_model
         if want("dsl-hf"):
             workloads("dsl-hf", lambda p, n: dsl_steer(model, p, mid, vector, n),
-                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers),
-                      SLOW_SHARE[args.preset])
+                      lambda p: dsl_lens(model, p, layers), lambda p: dsl_collect(model, p, layers))
         if wanted is not None and want("nnsight-hf"):
             workloads("nnsight-hf", lambda p, n: hand_hf_steer(nn, p, mid, vector, n),
                       lambda p: hand_hf_lens(nn, p, layers), lambda p: hand_hf_collect(nn, p, layers))
         if want("hf"):
             workloads("hf", lambda p, n: hf_generate(hf, tokenizer, p, n),
-                      lambda p: hf_forward(hf, tokenizer, p), lambda p: hf_forward(hf, tokenizer, p),
-                      SLOW_SHARE[args.preset])
+                      lambda p: hf_forward(hf, tokenizer, p), lambda p: hf_forward(hf, tokenizer, p))
         del model, hf, nn
         _free()
 

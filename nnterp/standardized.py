@@ -76,7 +76,8 @@ class StandardizedTransformer:
         **kwargs: passed to the backend: ``from_pretrained`` for HF, the engine for vLLM
             (``dtype``, ``max_model_len``, ``tensor_parallel_size``, ...). vLLM also takes
             ``cuda_graphs=True`` (or a list of site names): replay CUDA graphs, serving
-            only those sites (see `nnterp.backends.vllm.VLLMBackend`).
+            only those sites, and ``nvlink_multicast=False`` for hosts where NVLink
+            multicast must not be used (see `nnterp.backends.vllm.VLLMBackend`).
 
     Example:
         >>> model = StandardizedTransformer("bundled")                 # doctest: +SKIP

@@ -74,6 +74,8 @@ HF = BackendLimits(
                              "load with backend='vllm' to use it, or leave it out"),
         "tensor_parallel_size": Limit(f"{_VLLM_ONLY}; transformers places layers with device_map",
                                       "load with backend='vllm' to use it, or pass device_map='auto'"),
+        "nvlink_multicast": Limit(f"{_VLLM_ONLY}; transformers runs no collective across GPUs",
+                                  "load with backend='vllm' to use it, or leave it out"),
     },
 )
 

@@ -48,6 +48,7 @@ from nnterp.backends.base import Backend
 from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.limits import VLLM as VLLM_LIMITS
+from nnterp.backends.vllm_settings import engine_environment, float32_engine_environment, without_multicast
 from nnterp.dsl.plan import Execution, Plan, Sampling
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
@@ -162,6 +163,10 @@ class VLLMBackend(Backend):
             and nnsight traces are refused (they need an eager engine). A GPU is needed.
         dsl_executor: ``"batched"`` (default) or ``"nnsight"``: which executor runs
             plans on an eager engine.
+        nvlink_multicast: ``True`` (default) leaves vLLM's choices alone. ``False`` keeps
+            a GPU engine off NVLink multicast, for hosts where it is switched off or must
+            not be used: vLLM 0.26 at ``tensor_parallel_size > 1`` otherwise picks a
+            multicast all-reduce (see `nnterp.backends.vllm_settings`). No effect on CPU.
         **kwargs: engine arguments (``dtype``, ``max_model_len``,
             ``tensor_parallel_size``, ``gpu_memory_utilization``, ...). On CPU, defaults
             from `nnterp.backends.vllm_cpu.cpu_engine_kwargs` fill what is not given.
@@ -170,7 +175,7 @@ class VLLMBackend(Backend):
     limits = VLLM_LIMITS
 
     def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
-                 dsl_executor: str = "batched", **kwargs: Any) -> None:
+                 dsl_executor: str = "batched", nvlink_multicast: bool = True, **kwargs: Any) -> None:
         # nnsight refuses vLLM's V2 model runner; make the default explicit so a user's
         # environment cannot pick it.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -203,6 +208,10 @@ class VLLMBackend(Backend):
                                         paths, eager),
         }
         engine_cls = __getattr__("NnterpVLLM")
+        environment = float32_engine_environment(kwargs.get("dtype"), vllm_cpu.is_cpu_only())
+        if not nvlink_multicast and not vllm_cpu.is_cpu_only():
+            kwargs, no_multicast = without_multicast(kwargs)
+            environment.update(no_multicast)
         if vllm_cpu.is_cpu_only() and not eager:
             raise BackendUnsupportedError(
                 "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
@@ -232,7 +241,7 @@ class VLLMBackend(Backend):
         self._num_layers = len(resolve_path(root, self.paths.layers))
         if not self.model.dispatched:
             # the engine's processes start here, and take their environment with them
-            with _environment(float32_engine_environment(kwargs.get("dtype"), vllm_cpu.is_cpu_only())):
+            with engine_environment(environment):
                 self.model.dispatch()
 
     # -- description -----------------------------------------------------------------
@@ -649,38 +658,6 @@ def _build_tracer_class() -> type:
     NnterpVLLMTracer.__module__ = __name__
     NnterpVLLMTracer.__qualname__ = "NnterpVLLMTracer"
     return NnterpVLLMTracer
-
-
-#: What a float32 engine on a GPU needs to compute in float32. vLLM runs float32 attention
-#: with its Triton kernels, whose dot products on float32 inputs default to TF32 (10-bit
-#: mantissas): on an H200 that put the tiny models' residual streams 1e-4 (at scale 0.2)
-#: from HF's, and SmolLM2's layer 17 0.03 (at 6.9); with these settings the tiny models
-#: agree to 5e-8, float32's own rounding. A value the user set is kept.
-FLOAT32_ENVIRONMENT = {"TRITON_F32_DEFAULT": "ieee", "VLLM_FLOAT32_MATMUL_PRECISION": "highest"}
-
-
-def float32_engine_environment(dtype: Any, cpu: bool) -> dict[str, str]:
-    """The environment variables a ``dtype`` engine needs for full float32 (none on CPU,
-    where no Triton kernel runs, and none unless float32 was asked for)."""
-    if cpu or str(dtype).removeprefix("torch.") not in ("float32", "float"):
-        return {}
-    return {key: value for key, value in FLOAT32_ENVIRONMENT.items() if key not in os.environ}
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set ``values`` in this process's environment for the duration (the engine's
-    processes, spawned meanwhile, inherit them), then restore it."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager

@@ -1,0 +1,123 @@
+"""Engine settings that nnterp derives from a user's choices, before a vLLM engine starts.
+
+vLLM reads several of its choices from environment variables in the engine's own
+processes (the engine core and every worker), which are spawned when the engine is
+dispatched and copy the client's environment at that moment. So these settings are
+applied around the dispatch (`engine_environment`) and the client's environment is
+restored afterwards: loading a model does not change the process that loaded it.
+
+Two settings live here:
+
+* float32 on a GPU computes in float32 (`float32_engine_environment`);
+* ``nvlink_multicast=False`` keeps a tensor-parallel engine off NVLink multicast
+  (`without_multicast`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Iterator
+
+__all__ = [
+    "FLOAT32_ENVIRONMENT",
+    "NO_MULTICAST_COMPILATION",
+    "NO_MULTICAST_ENVIRONMENT",
+    "engine_environment",
+    "float32_engine_environment",
+    "without_multicast",
+]
+
+#: What a float32 engine on a GPU needs to compute in float32. vLLM runs float32 attention
+#: with its Triton kernels, whose dot products on float32 inputs default to TF32 (10-bit
+#: mantissas): on an H200 that put the tiny models' residual streams 1e-4 (at scale 0.2)
+#: from HF's, and SmolLM2's layer 17 0.03 (at 6.9); with these settings the tiny models
+#: agree to 5e-8, float32's own rounding. A value the user set is kept.
+FLOAT32_ENVIRONMENT = {"TRITON_F32_DEFAULT": "ieee", "VLLM_FLOAT32_MATMUL_PRECISION": "highest"}
+
+#: vLLM 0.26 at ``tensor_parallel_size > 1`` fuses each all-reduce with the RMSNorm after
+#: it and auto-selects FlashInfer's "mnnvl" all-reduce for that fusion, which builds NVLink
+#: multicast objects. On a host where multicast is switched off the engine dies in its
+#: start-up profiling run (an illegal memory access), and on shared hosts multicast must
+#: not be used at all. These settings keep every all-reduce on NCCL or FlashInfer's
+#: "trtllm" backend without multicast, and switch off the other multicast users (NCCL's
+#: NVLS algorithms, PyTorch's and NVSHMEM's symmetric memory).
+NO_MULTICAST_COMPILATION = {"pass_config": {"fuse_allreduce_rms": False}}
+NO_MULTICAST_ENVIRONMENT = {
+    "VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm",
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def float32_engine_environment(dtype: Any, cpu: bool) -> dict[str, str]:
+    """The environment variables a ``dtype`` engine needs for full float32 (none on CPU,
+    where no Triton kernel runs, and none unless float32 was asked for)."""
+    if cpu or str(dtype).removeprefix("torch.") not in ("float32", "float"):
+        return {}
+    return {key: value for key, value in FLOAT32_ENVIRONMENT.items() if key not in os.environ}
+
+
+def without_multicast(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``engine_kwargs`` with the all-reduce fusion off, and the environment the engine's
+    processes need so that nothing in them uses NVLink multicast.
+
+    The user's own ``compilation_config`` (a dict or vLLM's ``CompilationConfig``) is kept
+    and only ``pass_config.fuse_allreduce_rms`` is set; a user who set it to True, or an
+    environment variable above to a value that allows multicast, asked for two opposite
+    things, which is an error rather than a silent choice between them.
+    """
+    kwargs = dict(engine_kwargs)
+    config = kwargs.get("compilation_config")
+    if config is None:
+        config = copy.deepcopy(NO_MULTICAST_COMPILATION)
+    elif isinstance(config, dict):
+        config = copy.deepcopy(config)
+        passes = config.setdefault("pass_config", {})
+        if not isinstance(passes, dict):  # vLLM's PassConfig object inside a dict
+            _refuse_fusion(getattr(passes, "fuse_allreduce_rms", None))
+            passes = copy.copy(passes)
+            passes.fuse_allreduce_rms = False
+            config["pass_config"] = passes
+        else:
+            _refuse_fusion(passes.get("fuse_allreduce_rms"))
+            passes["fuse_allreduce_rms"] = False
+    else:  # vLLM's CompilationConfig
+        config = copy.deepcopy(config)
+        _refuse_fusion(getattr(config.pass_config, "fuse_allreduce_rms", None))
+        config.pass_config.fuse_allreduce_rms = False
+    kwargs["compilation_config"] = config
+    clashes = [f"{key}={os.environ[key]}" for key, value in NO_MULTICAST_ENVIRONMENT.items()
+               if os.environ.get(key, value) != value]
+    if clashes:
+        raise ValueError(
+            f"nvlink_multicast=False, but this process's environment sets {', '.join(clashes)}, "
+            f"which lets vLLM use NVLink multicast; unset them (nnterp sets "
+            f"{', '.join(f'{k}={v}' for k, v in NO_MULTICAST_ENVIRONMENT.items())} for the engine)")
+    return kwargs, dict(NO_MULTICAST_ENVIRONMENT)
+
+
+def _refuse_fusion(value: Any) -> None:
+    if value:
+        raise ValueError(
+            "nvlink_multicast=False, but compilation_config sets pass_config.fuse_allreduce_rms=True: "
+            "on vLLM 0.26 that fusion picks FlashInfer's multicast all-reduce; drop one of the two")
+
+
+@contextlib.contextmanager
+def engine_environment(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in this process's environment for the duration (the engine's
+    processes, spawned meanwhile, inherit them), then restore it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
