@@ -82,7 +82,11 @@ class Backend:
         raise NotImplementedError
 
     def execute(self, plan: "Plan", prompts: Sequence[str], sampling: "Sampling") -> "Execution":
-        """Run a lowered DSL plan on every prompt: the one seam between DSL and backend."""
+        """Run a lowered DSL plan on every prompt: the one seam between DSL and backend.
+
+        ``prompts`` are texts; ``run`` passes them as `nnterp.dsl.plan.Prompts`, already
+        tokenized, and an executor that feeds the model token ids uses those.
+        """
         raise NotImplementedError
 
     def project_on_vocab(self, hidden: Any) -> Any:

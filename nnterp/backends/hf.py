@@ -23,7 +23,7 @@ import torch
 from nnterp.backends.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
 from nnterp.backends.interpret import generation_may_end_early, run_step
-from nnterp.dsl.plan import Execution, Plan, Sampling
+from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Recorder
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
@@ -211,14 +211,13 @@ class HFBackend(Backend):
         ``tracer.iter``); a plan with a gradient runs one forward pass with autograd on,
         since ``generate`` runs without it, and takes the greedy next token.
         """
-        prompts = list(prompts)
-        encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
         # The batch goes to nnsight as token ids: given text, nnsight tokenizes each
         # prompt through the pipeline on its own, 0.12 s per 1,000 prompts here against
         # 4 ms for ids (an H200 runs a 1.1B forward pass over 1,000 such prompts in about
         # 0.25 s). nnsight still derives the position ids of left-padded rows from the mask.
-        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        pads = (encoded["attention_mask"] == 0).sum(dim=1).tolist()
+        batch = _left_padded(Prompts.of(prompts, self.tokenizer).token_ids, self.tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
         rows = list(range(len(prompts)))
         store = Recorder()
         scratch: dict = {}
@@ -243,7 +242,7 @@ class HFBackend(Backend):
             result.append(tracer.result.save())
         eos = self.tokenizer.eos_token_id
         if result:
-            generated = result[0][:, encoded["input_ids"].shape[1]:].tolist()
+            generated = result[0][:, width:].tolist()
         else:
             # generation stopped because every row had ended: the last token of a row
             # that was still running is the end-of-sequence token
@@ -309,6 +308,17 @@ class HFBackend(Backend):
             raise ArchitectureNotSupportedError(
                 mapping_error_message(self.config.model_type, type(self.model._module).__name__, problems)
             )
+
+
+def _left_padded(token_ids: Sequence[Sequence[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
+    """Rows of token ids as one left-padded batch: ``input_ids`` and ``attention_mask``,
+    as the tokenizer pads them for generation (pad tokens first, masked out)."""
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token, so prompts of different lengths cannot share a batch")
+    width = max(map(len, token_ids))
+    ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in token_ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in token_ids], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _describe(value: Any) -> tuple:

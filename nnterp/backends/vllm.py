@@ -49,7 +49,7 @@ from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.limits import VLLM as VLLM_LIMITS
 from nnterp.backends.vllm_settings import engine_environment, float32_engine_environment, without_multicast
-from nnterp.dsl.plan import Execution, Plan, Sampling
+from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 from nnterp.sites import SiteKind
@@ -407,9 +407,10 @@ class VLLMBackend(Backend):
                                  top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]},
                                  **options)
                   for row in range(len(prompts))]
-        # One batch call tokenizes every prompt, exactly as vLLM would one by one, which for
-        # a sweep of thousands of short prompts costs about as much as their forward passes.
-        token_ids = self.model.tokenizer(list(prompts))["input_ids"] if prompts else []
+        # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a sweep
+        # in one batch call, whose cost for thousands of short prompts is about that of
+        # their forward passes.
+        token_ids = Prompts.of(prompts, self.model.tokenizer).token_ids
         requests = [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
                     for ids, prompt in zip(token_ids, prompts)]
         try:

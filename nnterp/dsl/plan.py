@@ -19,7 +19,7 @@ This module imports attrs, the DSL's sites and values only.
 from __future__ import annotations
 
 import enum
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import attrs
 
@@ -27,6 +27,7 @@ from nnterp.dsl.sites import Site
 from nnterp.dsl.values import TensorValue
 
 __all__ = [
+    "Prompts",
     "Sampling",
     "Steps",
     "Positions",
@@ -51,6 +52,57 @@ Positions = Union[int, tuple, None]
 #: Forward passes an operation acts in: 0 is the prompt's, k the k-th generated token's;
 #: a tuple of them, or "all".
 Steps = Union[int, tuple, str]
+
+
+# -- prompts -----------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False, repr=False)
+class Prompts(Sequence[str]):
+    """A run's prompts, with their token ids as the model's tokenizer gives them.
+
+    ``run`` tokenizes a sweep once, in one batch call, and validation (the position
+    checks) and the executors (HF's padded batch, vLLM's requests) share the ids: for
+    thousands of short prompts a tokenization costs about as much as a forward pass of
+    them on a GPU. It is a sequence of the texts, so code that wants only the texts
+    takes it as it takes a list of strings.
+
+    Example:
+        >>> prompts = Prompts(("The capital of France is", "Hi"), ((504, 3575, 282, 4649, 314), (26843,)))
+        >>> len(prompts), prompts[1], prompts.token_ids[1]
+        (2, 'Hi', (26843,))
+    """
+
+    texts: tuple[str, ...] = attrs.field(converter=tuple)
+    token_ids: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda rows: tuple(tuple(r) for r in rows))
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.texts) != len(self.token_ids):
+            raise ValueError(f"Prompts: {len(self.texts)} texts but {len(self.token_ids)} rows of token ids")
+
+    @classmethod
+    def tokenize(cls, texts: Sequence[str], tokenizer: Callable[..., Any]) -> "Prompts":
+        """``texts`` tokenized by ``tokenizer`` (special tokens included, as a model
+        is fed), in one batch call."""
+        texts = list(texts)
+        return cls(texts, tokenizer(texts)["input_ids"] if texts else [])
+
+    @classmethod
+    def of(cls, prompts: Sequence[str], tokenizer: Callable[..., Any]) -> "Prompts":
+        """``prompts`` as they are if already tokenized, else tokenized by ``tokenizer``."""
+        return prompts if isinstance(prompts, cls) else cls.tokenize(prompts, tokenizer)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.texts[index]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.texts)
+
+    def __repr__(self) -> str:
+        return f"Prompts({len(self)} prompts)"
 
 
 # -- sampling ----------------------------------------------------------------------------

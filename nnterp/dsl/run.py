@@ -26,7 +26,7 @@ from nnterp.backends.limits import DEFAULT_BACKEND, limits_for
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.lowering import lower, uses
 from nnterp.dsl.nodes import AttentionProbs, Node, Patch, Read
-from nnterp.dsl.plan import Execution, Output, OutputKey, OutputKind, Plan, Sampling
+from nnterp.dsl.plan import Execution, Output, OutputKey, OutputKind, Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Recorded
 from nnterp.dsl.results import RunResult
 from nnterp.dsl.validate import validate
@@ -105,6 +105,8 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
         # loads weights or starts an engine (a model already loaded is checked below)
         validate(graph, model, backend or DEFAULT_BACKEND, prompts=prompts, sampling=sampling)
     model = model_for(model, backend, graph)
+    # tokenized once: validation's position checks and the executor share the ids
+    prompts = Prompts.tokenize(prompts, model.tokenizer)
     spec = validate(graph, model, backend, prompts=prompts, sampling=sampling)
     resolved = _resolve_sources(graph, model, spec)
     tokenizer = model.tokenizer

@@ -41,6 +41,7 @@ from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, limits_for
 from nnterp.dsl.config_spec import spec_for_name, tokenizer_for_name
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Node, Patch, Read, Steer, Zero
+from nnterp.dsl.plan import Prompts
 from nnterp.dsl.sites import Site
 from nnterp.dsl.spec import ModelSpec, supported_by
 from nnterp.errors import ModelNotFoundError, NnterpError, ValidationError
@@ -568,11 +569,10 @@ def _run_facts(graph: Graph, model: Any, prompts: Sequence[str] | None,
         else:
             tokenizer = model.tokenizer
         source_prompts = sorted({n.source.prompt for n in graph if isinstance(n, Patch) and n.source is not None})
-        # one batch call: a sweep of thousands of prompts is tokenized in parallel
-        texts = list(prompts) + source_prompts
-        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
-        lengths = tuple(counts[:len(prompts)])
-        sources = tuple(zip(source_prompts, counts[len(prompts):]))
+        # one batch call: a sweep of thousands of prompts is tokenized in parallel (run
+        # passes them tokenized already)
+        lengths = tuple(len(ids) for ids in Prompts.of(prompts, tokenizer).token_ids)
+        sources = tuple(zip(source_prompts, map(len, Prompts.tokenize(source_prompts, tokenizer).token_ids)))
     max_tokens = getattr(sampling, "max_tokens", 1)
     return RunFacts(prompt_lengths=lengths, source_lengths=sources, max_tokens=max_tokens)
 
