@@ -376,6 +376,28 @@ def _logit_tolerance(logits: torch.Tensor) -> torch.Tensor:
     return ATOL + TOKEN_RTOL * logits.float().abs().amax(dim=-1, keepdim=True).cpu()
 
 
+def _last_comparable_step(got: list[int], want: list[int], logits: torch.Tensor, tolerance: torch.Tensor,
+                          what: str) -> int:
+    """The last step at which both backends saw the same context.
+
+    Greedy tokens must agree, except where HF's two best logits lie within twice the
+    logit tolerance of each other: a near tie that the backends' rounding may break
+    either way (random-weight models have flat logits; in bfloat16 a tie within 0.5 is
+    within tolerance). After such a step the two continue from different tokens, so
+    nothing later is comparable. In float32 the tolerance is 1e-4: a broken tie is
+    then as unlikely as a wrong token.
+    """
+    for step, (mine, theirs) in enumerate(zip(got, want)):
+        if mine != theirs:
+            gap = (logits[step, theirs] - logits[step, mine]).item()
+            assert gap <= 2 * tolerance[step].item(), (
+                f"{what}: step {step} chose token {mine}, HF {theirs}, whose logit is higher by "
+                f"{gap:.3g} (a tie is within {2 * tolerance[step].item():.3g}); tokens {got} vs HF {want}")
+            return step
+    assert len(got) == len(want), f"{what}: {len(got)} tokens vs HF's {len(want)}: {got} vs {want}"
+    return len(want) - 1
+
+
 def _assert_lens_close(got, want, logits, what):
     """A lens is the model's unembedding applied to earlier layers: its logits err as the
     final logits do, by at most d, and a softmax whose inputs move by at most d moves each
@@ -419,11 +441,13 @@ def test_a_steer_gives_hf_greedy_tokens_on_both_executors(family, executor, hf_m
         got = run(graph, vllm, PROMPTS, sampling=sampling)
         clean = run(Read("logits"), vllm, PROMPTS)
     print(f"STEER {DEVICE} {TEST_DTYPE} {family} {executor} vllm={got.tokens} hf={want.tokens}")
-    assert got.tokens == want.tokens
     for row in range(len(PROMPTS)):
-        steps = want["logits"][row]
-        assert got["logits"][row].shape == steps.shape
-        excess = (got["logits"][row].float().cpu() - steps.float().cpu()).abs() - _logit_tolerance(steps)
+        steps = want["logits"][row].float().cpu()
+        tolerance = _logit_tolerance(steps)
+        last = _last_comparable_step(got.tokens[row], want.tokens[row], steps, tolerance,
+                                     f"{family} {executor} prompts[{row}]")
+        mine = got["logits"][row].float().cpu()
+        excess = (mine[:last + 1] - steps[:last + 1]).abs() - tolerance[:last + 1]
         assert excess.max() <= 0, f"{family} {executor} steered logits prompts[{row}]: {excess.max().item():.3g}"
     # the steer did something (10x ATOL on CPU)
     assert (got["logits"][0][0].float().cpu() - clean["logits"][0].float().cpu()).abs().max() > 1e-3
@@ -443,5 +467,6 @@ def test_gemma_embeddings_are_read_and_written_scaled(family, executor, hf_model
     with _executor(vllm, executor):
         got = run(graph, vllm, PROMPTS)
     for row in range(len(PROMPTS)):
-        assert torch.allclose(got["embeddings.output"][row][0].float().cpu(), value[0], atol=1e-3)
+        # in the model's dtype: written, divided by the multiplier, multiplied back
+        assert_close_per_token(got["embeddings.output"][row][0:1], value, f"{family} {executor} patched row {row}")
     _assert_reads_close(got, want, ["embeddings.output", "layers[0].output"], f"{family} {executor}")

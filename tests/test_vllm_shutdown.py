@@ -10,6 +10,7 @@ process, given vLLM's default 5 s, was force-killed.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -18,9 +19,12 @@ import time
 import psutil
 import pytest
 
+from backend_settings import engine_kwargs
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROGRAM = textwrap.dedent("""
+    import json
     import sys
     import tempfile
 
@@ -31,7 +35,7 @@ PROGRAM = textwrap.dedent("""
         sys.stdout = capture  # vLLM's log handler binds to this stream when it is imported
         from nnterp import StandardizedTransformer
 
-        model = StandardizedTransformer(sys.argv[1], backend="vllm")
+        model = StandardizedTransformer(sys.argv[1], backend="vllm", **json.loads(sys.argv[2]))
         with model.trace("The capital of France is"):
             logits = model.logits.save()
         sys.stdout = sys.__stdout__
@@ -54,8 +58,11 @@ def test_an_engine_left_open_stops_quietly_at_exit(tmp_path, tiny_dir):
     pytest.importorskip("vllm")
     script = tmp_path / "left_open.py"
     script.write_text(PROGRAM)
-    done = subprocess.run([sys.executable, str(script), str(tiny_dir("llama"))], capture_output=True, text=True,
-                          timeout=300)
+    # the suite's engine settings: on a GPU shared with other test sessions, vLLM's
+    # default memory share would not be free
+    settings = json.dumps(engine_kwargs(tiny=True))
+    done = subprocess.run([sys.executable, str(script), str(tiny_dir("llama")), settings], capture_output=True,
+                          text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LOGITS (1, 1, 49152)" in done.stdout
