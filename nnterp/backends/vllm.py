@@ -403,6 +403,9 @@ class VLLMBackend(Backend):
         options = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
         if "skip_clone" in fields:
             options["skip_clone"] = True  # each request has its own params: no deep copy needed
+        # run decodes the generated tokens itself; vLLM's own detokenizer would decode them
+        # a second time, request by request (7% of a 1.1B collect of 8,192 prompts on an H200)
+        options["detokenize"] = False
         params = [SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                  top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]},
                                  **options)
