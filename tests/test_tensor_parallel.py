@@ -45,7 +45,7 @@ TOLERANCES = {
     ("cpu", "float32"): (1e-6, 2**7 * EPS),
     # the same as on CPU: float32 GPU engines compute in IEEE float32 (see
     # nnterp.backends.vllm_settings.FLOAT32_ENVIRONMENT), and the ranks' all-reduce adds
-    # two float32 halves
+    # two float32 halves (on two H200s every test here passed, in float32 and bfloat16)
     ("cuda", "float32"): (1e-6, 2**7 * EPS),
     ("cuda", "bfloat16"): (0.02, 0.01),
 }
