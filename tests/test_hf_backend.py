@@ -120,6 +120,17 @@ def test_attention_probabilities_sum_to_one_and_edits_change_output(family, hf_m
     assert (edited - clean).abs().max() > 1e-4  # an unedited pass would differ by exactly 0
 
 
+def test_a_bfloat16_model_loads_with_attention_probabilities(hf_models):
+    # each probability is rounded to bfloat16, so rows sum to 1 only within its rounding:
+    # the load-time check refused such a model as one nnterp "cannot map"
+    model = hf_models("llama", enable_attention_probs=True, dtype=torch.bfloat16)
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        probs = model.attention_probabilities[1].save()
+    assert probs.dtype == torch.bfloat16
+    n = probs.shape[-1]
+    torch.testing.assert_close(probs.float().sum(-1), torch.ones(1, model.num_heads, n), atol=2**-7, rtol=0)
+
+
 @pytest.mark.parametrize("family", ALL)
 def test_left_padded_batch_matches_each_prompt_alone(family, hf_models):
     model = hf_models(family)

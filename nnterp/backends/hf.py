@@ -325,8 +325,11 @@ def _describe(value: Any) -> tuple:
     """(ndim, shape, rows-sum-to-one, text) of a value, computed inside the trace."""
     if not isinstance(value, torch.Tensor):
         return (-1, (), False, type(value).__name__)
+    # each probability is rounded to the model's dtype, so a row's sum is off by up to
+    # about one rounding step of 1 (bfloat16: 2**-8); a few steps of margin
+    atol = max(1e-3, 4 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-3
     rows_one = bool(
-        value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=1e-3)
+        value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=atol)
     )
     return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
 
