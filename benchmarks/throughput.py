@@ -493,8 +493,6 @@ def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts
     from nnterp import StandardizedTransformer
     from nnterp.backends.vllm_settings import without_multicast
 
-    vanilla, environment = without_multicast({**engine, **sizes})
-    os.environ.update(environment)  # read by vanilla's engine processes, which inherit them
     few = prompts[:8]
     try:
         model = StandardizedTransformer(path, backend="vllm", cuda_graphs=True, tensor_parallel_size=2,
@@ -508,6 +506,9 @@ def tensor_parallel(bench: Bench, path: Path, engine: dict, sizes: dict, prompts
     _free()
     _wait_for_gpu_memory()
     try:
+        vanilla, environment = without_multicast({**engine, **sizes})
+        os.environ.update(environment)  # read by vanilla's engine processes, which inherit them
+        os.environ.pop("VLLM_USE_BREAKABLE_CUDAGRAPH", None)  # set by a tapped nnsight engine
         llm = LLM(str(path), tensor_parallel_size=2, enable_prefix_caching=False, **vanilla)
         bench.time("steer", "vllm-graphs-tp2", lambda: vllm_generate(llm, prompts, n_tokens),
                    lambda: vllm_generate(llm, few, 8), generated, "tok")

@@ -69,18 +69,19 @@ def assert_close_per_token(got, want, what, atol=None, token_rtol=None):
     """
     atol = ATOL if atol is None else atol
     token_rtol = TOKEN_RTOL if token_rtol is None else token_rtol
-    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    got, want = torch.broadcast_tensors(got.detach().float().cpu(), want.detach().float().cpu())
     scale = want.abs().amax(dim=-1, keepdim=True)
     diff = (got - want).abs()
-    excess = (diff - (atol + token_rtol * scale)).amax(dim=-1)
-    if excess.max() > 0:  # name the token that fails, so that a tolerance can be set from it
-        token = divmod(int(excess.argmax()), excess.shape[-1]) if excess.dim() > 1 else (0, int(excess.argmax()))
-        worst = diff.reshape(-1, diff.shape[-1])[excess.argmax()].max().item()
-        token_scale = scale.reshape(-1)[excess.argmax()].item()
+    excess = (diff - (atol + token_rtol * scale)).amax(dim=-1).reshape(-1)  # one per token
+    if not bool((excess <= 0).all()):  # NaN fails too
+        # name the token that fails, with its own scale, so that a tolerance can be set from it
+        worst = int(torch.nan_to_num(excess, nan=float("inf")).argmax())
+        row, token = divmod(worst, want.shape[-2]) if want.dim() > 1 else (0, 0)
         raise AssertionError(
-            f"{what}: at token {token[-1]} |diff| {worst:.3g} exceeds {atol} + {token_rtol} * its scale "
-            f"{token_scale:.3g} by {excess.max().item():.3g} (max |diff| {diff.max().item():.3g}, "
-            f"largest token scale {scale.max().item():.3g})")
+            f"{what}: at row {row} token {token} |diff| {diff.reshape(-1, diff.shape[-1])[worst].max().item():.3g} "
+            f"exceeds {atol} + {token_rtol} * its scale {scale.reshape(-1)[worst].item():.3g} by "
+            f"{excess[worst].item():.3g} (max |diff| {diff.max().item():.3g}, largest token scale "
+            f"{scale.max().item():.3g})")
 
 
 def _hf_reads(model, prompt, edit=None):

@@ -30,9 +30,13 @@ def test_a_float32_gpu_engine_starts_with_full_float32_and_the_environment_is_re
     assert float32_engine_environment(None, cpu=False) == {}  # vLLM's "auto" never runs float32
     assert float32_engine_environment("float32", cpu=True) == {}
     assert set(FLOAT32_ENVIRONMENT) == {"TRITON_F32_DEFAULT", "VLLM_FLOAT32_MATMUL_PRECISION"}
-    with engine_environment({"TRITON_F32_DEFAULT": "ieee"}):
+    monkeypatch.setenv("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "MINE")
+    with engine_environment({"TRITON_F32_DEFAULT": "ieee", "VLLM_FLOAT32_MATMUL_PRECISION": "highest"}):
         assert os.environ["TRITON_F32_DEFAULT"] == "ieee"
+        # vLLM's Ray workers get VLLM_* on their own, and the rest only when listed
+        assert os.environ["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] == "MINE,TRITON_F32_DEFAULT"
     assert "TRITON_F32_DEFAULT" not in os.environ
+    assert os.environ["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] == "MINE"
 
 
 @pytest.fixture
@@ -67,6 +71,14 @@ def test_no_multicast_takes_vllms_own_config_objects(clean_environment):
     assert mine.pass_config.fuse_allreduce_rms is not False  # the user's object is left alone
     kwargs, _ = without_multicast({"compilation_config": {"pass_config": PassConfig()}})
     assert kwargs["compilation_config"]["pass_config"].fuse_allreduce_rms is False
+
+
+def test_no_multicast_takes_every_form_of_compilation_config_vllm_takes(clean_environment):
+    passes = {"pass_config": {"fuse_allreduce_rms": False}}
+    assert without_multicast({"compilation_config": 3})[0]["compilation_config"] == {"mode": 3, **passes}
+    assert without_multicast({"compilation_config": {"pass_config": None}})[0]["compilation_config"] == passes
+    with pytest.raises(TypeError, match="compilation_config must be an int, a dict or vLLM's CompilationConfig"):
+        without_multicast({"compilation_config": "fast"})
 
 
 def test_asking_for_the_fusion_or_multicast_and_against_it_is_an_error(clean_environment, monkeypatch):

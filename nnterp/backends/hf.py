@@ -313,9 +313,11 @@ class HFBackend(Backend):
 def _left_padded(token_ids: Sequence[Sequence[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Rows of token ids as one left-padded batch: ``input_ids`` and ``attention_mask``,
     as the tokenizer pads them for generation (pad tokens first, masked out)."""
-    if pad_id is None:
-        raise ValueError("the tokenizer has no pad token, so prompts of different lengths cannot share a batch")
     width = max(map(len, token_ids))
+    if pad_id is None:
+        if any(len(row) != width for row in token_ids):
+            raise ValueError("the tokenizer has no pad token, so prompts of different lengths cannot share a batch")
+        pad_id = 0  # never placed: every row is full
     ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in token_ids], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in token_ids], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask}

@@ -53,6 +53,10 @@ NO_MULTICAST_ENVIRONMENT = {
 }
 
 
+#: the variable that lists, for vLLM's Ray executor, which others to copy to its workers
+_RAY_COPIES = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+
+
 def float32_engine_environment(dtype: Any, cpu: bool) -> dict[str, str]:
     """The environment variables a ``dtype`` engine needs for full float32 (none on CPU,
     where no Triton kernel runs, and none unless float32 was asked for)."""
@@ -72,11 +76,18 @@ def without_multicast(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], di
     """
     kwargs = dict(engine_kwargs)
     config = kwargs.get("compilation_config")
+    if isinstance(config, bool) or not (config is None or isinstance(config, (int, dict))
+                                        or hasattr(config, "pass_config")):
+        raise TypeError(f"compilation_config must be an int, a dict or vLLM's CompilationConfig, got "
+                        f"{type(config).__name__}")
     if config is None:
         config = copy.deepcopy(NO_MULTICAST_COMPILATION)
+    elif isinstance(config, int):  # vLLM reads an int as the compilation mode
+        config = {"mode": config, **copy.deepcopy(NO_MULTICAST_COMPILATION)}
     elif isinstance(config, dict):
         config = copy.deepcopy(config)
-        passes = config.setdefault("pass_config", {})
+        passes = config.get("pass_config") or {}
+        config["pass_config"] = passes
         if not isinstance(passes, dict):  # vLLM's PassConfig object inside a dict
             _refuse_fusion(getattr(passes, "fuse_allreduce_rms", None))
             passes = copy.copy(passes)
@@ -110,7 +121,17 @@ def _refuse_fusion(value: Any) -> None:
 @contextlib.contextmanager
 def engine_environment(values: dict[str, str]) -> Iterator[None]:
     """Set ``values`` in this process's environment for the duration (the engine's
-    processes, spawned meanwhile, inherit them), then restore it."""
+    processes, spawned meanwhile, inherit them), then restore it.
+
+    vLLM's Ray executor gives its workers only the variables it copies (``VLLM_*``,
+    ``NCCL_*`` and those named in ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY``), so the other
+    names are added to that list for the duration too.
+    """
+    values = dict(values)
+    others = [name for name in values if not name.startswith(("VLLM_", "NCCL_"))]
+    if others:
+        listed = [name for name in os.environ.get(_RAY_COPIES, "").split(",") if name]
+        values[_RAY_COPIES] = ",".join(dict.fromkeys([*listed, *others]))
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
