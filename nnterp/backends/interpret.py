@@ -113,6 +113,7 @@ def _gather(value: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
     on the device would wait for the whole stream at every read.
     """
     first = columns[0]
+    # rows of one padding share one list: `is` settles most rows without comparing
     if all(c is first or c == first for c in columns) and first == list(range(first[0], first[0] + len(first))):
         return value[:, first[0]:first[0] + len(first)]
     index = torch.tensor(columns).pin_memory() if value.is_cuda else torch.tensor(columns)
@@ -217,13 +218,14 @@ def _run_read(op: ReadOp | LensOp, this: _Pass) -> None:
             _store(this.backend, op, this.step, [prompt], value[b, columns].unsqueeze(0), this.store)
         return
     # Rows of one padding share their columns: work them out once per padding, not once
-    # per row (a sweep of 8,192 prompts over 22 layers would make 180,000 calls).
+    # per row (a sweep of 8,192 prompts over 22 layers would make 180,000 calls); the
+    # shortest prompt first, since a position it lacks is the one to report.
     by_pad = {pad: _columns(op.positions, pad, length, this.step) for pad in sorted(set(pads), reverse=True)}
-    if next(iter(by_pad.values())) is None:  # a prompt position, at a generation step
+    columns = [by_pad[pad] for pad in pads]
+    if columns[0] is None:  # a prompt position, at a generation step
         return
     # all rows at once: one gather, one unembedding, one copy off the device
-    distinct = {tuple(columns) for columns in by_pad.values()}
-    picked = _gather(value, [list(distinct.pop())] * len(pads) if len(distinct) == 1 else [by_pad[pad] for pad in pads])
+    picked = _gather(value, columns)
     if isinstance(op.positions, int):
         picked = picked[:, 0]
     _store(this.backend, op, this.step, this.rows, picked, this.store)

@@ -208,16 +208,17 @@ class VLLMBackend(Backend):
                                         paths, eager),
         }
         engine_cls = __getattr__("NnterpVLLM")
-        environment = float32_engine_environment(kwargs.get("dtype"), vllm_cpu.is_cpu_only())
-        if not nvlink_multicast and not vllm_cpu.is_cpu_only():
+        cpu = vllm_cpu.is_cpu_only()
+        environment = float32_engine_environment(kwargs.get("dtype"), cpu)
+        if not nvlink_multicast and not cpu:
             kwargs, no_multicast = without_multicast(kwargs)
             environment.update(no_multicast)
-        if vllm_cpu.is_cpu_only() and not eager:
+        if cpu and not eager:
             raise BackendUnsupportedError(
                 "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
                 "there anyway); leave cuda_graphs out")
         with _classes_unchanged(_hf_model_classes(name_or_path, kwargs.get("trust_remote_code", False))):
-            if vllm_cpu.is_cpu_only():
+            if cpu:
                 if "max_model_len" not in kwargs:
                     kwargs["max_model_len"] = _cpu_max_model_len(name_or_path)
                 self.model = vllm_cpu.load_cpu_vllm(name_or_path, engine_cls=engine_cls, **kwargs)

@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 __all__ = [
     "FLOAT32_ENVIRONMENT",
-    "NO_MULTICAST_COMPILATION",
     "NO_MULTICAST_ENVIRONMENT",
     "engine_environment",
     "float32_engine_environment",
@@ -42,8 +41,8 @@ FLOAT32_ENVIRONMENT = {"TRITON_F32_DEFAULT": "ieee", "VLLM_FLOAT32_MATMUL_PRECIS
 #: start-up profiling run (an illegal memory access), and on shared hosts multicast must
 #: not be used at all. These settings keep every all-reduce on NCCL or FlashInfer's
 #: "trtllm" backend without multicast, and switch off the other multicast users (NCCL's
-#: NVLS algorithms, PyTorch's and NVSHMEM's symmetric memory).
-NO_MULTICAST_COMPILATION = {"pass_config": {"fuse_allreduce_rms": False}}
+#: NVLS algorithms, PyTorch's and NVSHMEM's symmetric memory); `without_multicast` also
+#: turns the fusion off (``pass_config.fuse_allreduce_rms=False``).
 NO_MULTICAST_ENVIRONMENT = {
     "VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm",
     "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
@@ -81,25 +80,14 @@ def without_multicast(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], di
         raise TypeError(f"compilation_config must be an int, a dict or vLLM's CompilationConfig, got "
                         f"{type(config).__name__}")
     if config is None:
-        config = copy.deepcopy(NO_MULTICAST_COMPILATION)
+        config = {}
     elif isinstance(config, int):  # vLLM reads an int as the compilation mode
-        config = {"mode": config, **copy.deepcopy(NO_MULTICAST_COMPILATION)}
-    elif isinstance(config, dict):
-        config = copy.deepcopy(config)
-        passes = config.get("pass_config") or {}
-        config["pass_config"] = passes
-        if not isinstance(passes, dict):  # vLLM's PassConfig object inside a dict
-            _refuse_fusion(getattr(passes, "fuse_allreduce_rms", None))
-            passes = copy.copy(passes)
-            passes.fuse_allreduce_rms = False
-            config["pass_config"] = passes
-        else:
-            _refuse_fusion(passes.get("fuse_allreduce_rms"))
-            passes["fuse_allreduce_rms"] = False
+        config = {"mode": config}
+    config = copy.deepcopy(config)  # the user's own is left as it was
+    if isinstance(config, dict):
+        config["pass_config"] = _fusion_off(config.get("pass_config"))
     else:  # vLLM's CompilationConfig
-        config = copy.deepcopy(config)
-        _refuse_fusion(getattr(config.pass_config, "fuse_allreduce_rms", None))
-        config.pass_config.fuse_allreduce_rms = False
+        config.pass_config = _fusion_off(config.pass_config)
     kwargs["compilation_config"] = config
     clashes = [f"{key}={os.environ[key]}" for key, value in NO_MULTICAST_ENVIRONMENT.items()
                if os.environ.get(key, value) != value]
@@ -111,11 +99,21 @@ def without_multicast(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], di
     return kwargs, dict(NO_MULTICAST_ENVIRONMENT)
 
 
-def _refuse_fusion(value: Any) -> None:
-    if value:
+def _fusion_off(passes: Any) -> Any:
+    """``passes`` (a dict, vLLM's ``PassConfig`` or None) with the all-reduce fusion off."""
+    passes = {} if passes is None else passes
+    if isinstance(passes, dict):
+        asked = passes.get("fuse_allreduce_rms")
+    else:
+        asked = getattr(passes, "fuse_allreduce_rms", None)
+    if asked:
         raise ValueError(
             "nvlink_multicast=False, but compilation_config sets pass_config.fuse_allreduce_rms=True: "
             "on vLLM 0.26 that fusion picks FlashInfer's multicast all-reduce; drop one of the two")
+    if isinstance(passes, dict):
+        return {**passes, "fuse_allreduce_rms": False}
+    passes.fuse_allreduce_rms = False  # a copy already: the caller copied the whole config
+    return passes
 
 
 @contextlib.contextmanager
