@@ -416,7 +416,8 @@ def render(document: dict) -> str:
     lines += ["", "| ratio | value | target | met |", "| --- | --- | --- | --- |"]
     for r in document["ratios"]:
         value = f"{r['value']:.3f}" if r["value"] is not None else "n/a"
-        lines.append(f"| {r['ratio']} | {value} | >= {r['target']} | {'yes' if r['met'] else 'no'} |")
+        met = "not run" if r["value"] is None else "yes" if r["met"] else "no"  # a system not in this run
+        lines.append(f"| {r['ratio']} | {value} | >= {r['target']} | {met} |")
     if document["agreement"]:
         lines += ["", "| steer generations compared | identical |", "| --- | --- |"]
         for a in document["agreement"]:
