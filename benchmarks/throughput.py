@@ -357,6 +357,10 @@ class Bench:
                 return row["rate"]
         return None
 
+    def failed(self, workload: str, system: str) -> bool:
+        return any(row["workload"] == workload and row["system"] == system and "error" in row
+                   for row in self.rows)
+
     def ratios(self) -> list[dict]:
         """The targets of issue 13, as measured in this run."""
         found = []
@@ -367,7 +371,8 @@ class Bench:
                 return
             value = a / b if a and b else None
             found.append({"ratio": name, "numerator": "/".join(num), "denominator": "/".join(den),
-                          "value": value, "target": target, "met": value is not None and value >= target})
+                          "value": value, "target": target, "met": value is not None and value >= target,
+                          "failed": self.failed(*num) or self.failed(*den)})
 
         ratio("steer, one layer: DSL / vanilla vLLM (graphs)", ("steer", "dsl-vllm-graphs"), ("steer", "vllm-graphs"), 0.90)
         ratio("steer, every layer: DSL / vanilla vLLM (graphs)", ("steer-all", "dsl-vllm-graphs"),
@@ -416,7 +421,8 @@ def render(document: dict) -> str:
     lines += ["", "| ratio | value | target | met |", "| --- | --- | --- | --- |"]
     for r in document["ratios"]:
         value = f"{r['value']:.3f}" if r["value"] is not None else "n/a"
-        met = "not run" if r["value"] is None else "yes" if r["met"] else "no"  # a system not in this run
+        met = ("yes" if r["met"] else "no") if r["value"] is not None else \
+            "failed" if r.get("failed") else "not run"
         lines.append(f"| {r['ratio']} | {value} | >= {r['target']} | {met} |")
     if document["agreement"]:
         lines += ["", "| steer generations compared | identical |", "| --- | --- |"]
