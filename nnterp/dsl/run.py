@@ -105,11 +105,11 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
         # loads weights or starts an engine (a model already loaded is checked below)
         validate(graph, model, backend or DEFAULT_BACKEND, prompts=prompts, sampling=sampling)
     model = model_for(model, backend, graph)
+    tokenizer = model.tokenizer
     # tokenized once: validation's position checks and the executor share the ids
-    prompts = Prompts.tokenize(prompts, model.tokenizer)
+    prompts = Prompts.tokenize(prompts, tokenizer)
     spec = validate(graph, model, backend, prompts=prompts, sampling=sampling)
     resolved = _resolve_sources(graph, model, spec)
-    tokenizer = model.tokenizer
     plan = lower(resolved, spec, max_tokens=sampling.max_tokens,
                  token_id=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
     execution = model.execute(plan, prompts, sampling)
