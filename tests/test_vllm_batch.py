@@ -107,6 +107,29 @@ def test_other_requests_are_left_alone():
     assert capture.tokens.tolist() == [1]
 
 
+def test_a_step_works_out_sites_that_read_alike_once_and_gives_each_its_own_ops():
+    # every layer read at two positions (a sweep), plus a site that also steers: the
+    # grouped step must equal each site's own tables, op indices included
+    graph = (Read("layers[0].output", positions=[0, -1]) >> Read("layers[1].output", positions=[0, -1])
+             >> Read("mlps[0].output", positions=[0, -1]) >> Steer(1, [1.0] * 4, positions=[1])
+             >> Read("layers[1].output", positions=None, name="after"))
+    program, _ = _program(graph)
+    tokens = _tokens([0, 0, 0, 1, 1, -1], [0, 1, 2, 0, 1, 3], [3, 3, 3, 2, 2, 4])
+    fresh = np.array([True, True, True, True, False, True])
+    grouped = dict(program.step(tokens, fresh))
+    assert set(grouped) == {0, 1, 2}
+    for site in (0, 1, 2):
+        alone = program.site_step(site, tokens, fresh)
+        assert grouped[site][0].tolist() == alone[0].tolist() and grouped[site][1].tolist() == alone[1].tolist()
+        assert grouped[site][2].tokens.tolist() == alone[2].tokens.tolist()
+        assert grouped[site][2].reads.tolist() == alone[2].reads.tolist()
+    # the read-only sites 0 and 2 share tokens but record their own ops
+    ops_of = {site: {index for index, _ in program.site_ops[site]} for site in (0, 2)}
+    assert ops_of[0] != ops_of[2]
+    assert {int(r[0]) for r in grouped[0][2].reads} == ops_of[0]
+    assert {int(r[0]) for r in grouped[2][2].reads} == ops_of[2]
+
+
 @pytest.mark.parametrize("large", [False, True])
 def test_results_leave_the_worker_sorted_whole_and_through_shared_memory_when_large(large, monkeypatch):
     # Rows arrive step by step, not in prompt order (a long prompt finishes after short

@@ -173,6 +173,11 @@ class PlanProgram:
             self.site_ops.setdefault(site_index[key], []).append((index, op))
         self._tensors: dict[int, torch.Tensor] = {}
         self._constant: dict[int, int | None] = {}
+        #: per site whose ops all read: their positions and steps. Sites with equal keys
+        #: capture the same tokens in every step (a sweep reads one position at every
+        #: layer), so a step works out one of them and renames the others' ops.
+        self._read_keys = {site: tuple((op.positions, op.steps) for _, op in ops)
+                           for site, ops in self.site_ops.items() if all(isinstance(op, _READS) for _, op in ops)}
 
     def _value(self, index: int, op: Any) -> torch.Tensor:
         cached = self._tensors.get(index)
@@ -224,6 +229,28 @@ class PlanProgram:
                 for r, b in unique], dtype=np.int64)
             rows[edited] = found[inverse.reshape(-1)]
         return scale, rows
+
+    def constant_row(self, site: int) -> int | None:
+        """The vector row when every op at ``site`` steers every token at every step:
+        its tables are then ``a = 1`` and this row for each of the plan's tokens."""
+        ops = self.site_ops.get(site)
+        return self._constant_steer(site, ops) if ops else None
+
+    def step(self, tokens: TokenBatch, fresh: np.ndarray, sites: Any = None
+             ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, Capture | None] | None]]:
+        """`site_step` of each site in ``sites`` (default: every site with ops), with one
+        computation per group of read-only sites that read alike."""
+        shared: dict[tuple, tuple[list[int], Any]] = {}
+        for site in self.site_ops if sites is None else sites:
+            key = self._read_keys.get(site)
+            if key is not None and key in shared:
+                template, result = shared[key]
+                yield site, _renamed(result, template, [index for index, _ in self.site_ops[site]])
+                continue
+            result = self.site_step(site, tokens, fresh)
+            if key is not None:
+                shared[key] = ([index for index, _ in self.site_ops[site]], result)
+            yield site, result
 
     def site_step(self, site: int, tokens: TokenBatch, fresh: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, Capture | None] | None:
@@ -285,3 +312,16 @@ class PlanProgram:
         """The logits ops acting when a request samples after ``last_position``."""
         step = max(0, last_position - prompt_length + 1)
         return [(index, op) for index, op in self.logit_ops if _steps_match(op.steps, np.array(step))]
+
+
+def _renamed(result: Any, template: list[int], ops: list[int]) -> Any:
+    """A read-only site's step result for another site whose ops read alike: the same
+    tables, with each read's op index (column 0) mapped from ``template`` to ``ops``."""
+    if result is None or result[2] is None:
+        return result
+    scale, rows, capture = result
+    lookup = np.zeros(max(template) + 1, dtype=np.float64)
+    lookup[template] = ops
+    reads = capture.reads.copy()
+    reads[:, 0] = lookup[reads[:, 0].astype(np.int64)]
+    return scale, rows, Capture(capture.tokens, reads)

@@ -240,11 +240,17 @@ class _Staging:
         self.copied = torch.cuda.Event() if pin else None
         #: sites whose rows here are not neutral
         self.dirty: set[int] = set()
+        #: site -> what its rows here hold, where that can be named (a constant steer:
+        #: its row, the step's width and which tokens are the plan's); absent otherwise.
+        #: Decoding repeats the same tables step after step: a site that holds them
+        #: already is not rewritten.
+        self.held: dict[int, tuple] = {}
 
     def neutral(self, site: int, dump: torch.Tensor) -> None:
         self.scale[site].fill_(1.0)
         self.row[site].zero_()
         self.dest[site].copy_(dump)
+        self.held.pop(site, None)
 
 
 class _Engine:
@@ -317,6 +323,9 @@ class _Engine:
         # other may still be in flight, so a step never waits for the previous one
         self.stages = [_Staging(n_sites, n_tokens, self.dump, pin) for _ in range(2 if pin else 1)]
         self.turn = 0
+        #: what the device's tables hold, as a `_Staging.held` of every touched site, or
+        #: None when that cannot be named: equal contents need no copy
+        self.device_holds: dict[int, tuple] | None = {}
 
     # -- plans ---------------------------------------------------------------------------
 
@@ -345,7 +354,8 @@ class _Engine:
     # -- one step ------------------------------------------------------------------------
 
     def fill(self, num_scheduled: np.ndarray) -> None:
-        run, state = self.run, self.state
+        """Work out this step's tables on the host and copy them to the device."""
+        run = self.run
         self.step_reads, self.sampling = [], []
         if run is None and not self.dirty:
             return  # nothing installed, and the tables are already neutral
@@ -362,68 +372,107 @@ class _Engine:
         else:
             prompts, lengths, recorded = (np.full(len(ids), -1, np.int64), np.zeros(len(ids), np.int64),
                                           np.zeros(len(ids), np.int64))
-        prompt, length = prompts[request], lengths[request]
-        fresh = position >= recorded[request]
-        tokens = TokenBatch(prompt, position, length)
-        used = 0
-        touched: set[int] = set()
+        prompt = prompts[request]
         stage = self.stages[self.turn]
         self.turn = (self.turn + 1) % len(self.stages)
         if stage.copied is not None:
             stage.copied.synchronize()  # its copy of two steps ago has left the staging
+        touched: set[int] = set()
         if run is not None and (prompt >= 0).any():
-            for site in run.program.site_ops:
-                result = run.program.site_step(site, tokens, fresh)
-                if result is None:
-                    continue
-                scale, rows, capture = result
-                stage.neutral(site, self.dump)
-                stage.scale[site, :n] = torch.from_numpy(scale)
-                stage.row[site, :n] = torch.from_numpy(rows)
-                if capture is not None:
-                    k = len(capture.tokens)
-                    if used + k > state.capacity:
-                        raise OverflowError(
-                            f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
-                            f"{state.capacity}; load the model with a larger capture buffer")
-                    stage.dest[site, torch.from_numpy(capture.tokens)] = torch.arange(used, used + k)
-                    reads = capture.reads.copy()
-                    reads[:, 5] += used
-                    self.step_reads.append(reads)
-                    used += k
-                touched.add(site)
-            run.stats["steps"] += 1
-            # the position after each request's last token of this step
-            reached = position[ends - 1] + 1
-            ours = prompts >= 0
-            # a prompt pass that ends before its prompt does
-            run.stats["prompt_chunks"] += int(np.count_nonzero(ours & (reached < lengths)))
-            np.maximum(recorded, np.where(ours, reached, 0), out=recorded)
-            discard = self.runner.discard_request_mask.np[: len(ids)]
-            if run.program.logit_ops:
-                for row, rid in enumerate(ids):
-                    if rid in run.requests and not discard[row]:
-                        prompt_row, prompt_length = run.requests[rid]
-                        last = int(reached[row]) - 1
-                        step = max(0, last - prompt_length + 1)
-                        if run.logits_recorded.get(rid, -1) < step:
-                            run.logits_recorded[rid] = step
-                            actions = run.program.logit_actions(prompt_length, last)
-                            if actions:
-                                self.sampling.append((row, prompt_row, step, actions))
+            tokens = TokenBatch(prompt, position, lengths[request])
+            touched = self._write_sites(run, stage, tokens, recorded[request], n)
+            self._advance(run, ids, prompts, lengths, recorded, position[ends - 1] + 1)
         for site in stage.dirty - touched:  # back to neutral
             stage.neutral(site, self.dump)
         for site in touched | self.dirty:
-            state.active[site] = site in touched
+            self.state.active[site] = site in touched
+        self._upload(stage, touched)
+        stage.dirty = touched
+        self.dirty = touched
+
+    def _write_sites(self, run: _PlanRun, stage: _Staging, tokens: TokenBatch, recorded: np.ndarray,
+                     n: int) -> set[int]:
+        """Write each site's edit and capture rows of this step into ``stage``, and note
+        its reads; the sites touched."""
+        program, state = run.program, self.state
+        fresh = tokens.position >= recorded
+        touched: set[int] = set()
+        computed = []
+        mine_key = None
+        for site in program.site_ops:
+            row = program.constant_row(site)
+            if row is None:
+                computed.append(site)
+                continue
+            if mine_key is None:
+                mine_key = (tokens.prompt >= 0).tobytes()
+            holds = (self.plan_id, row, n, mine_key)
+            touched.add(site)
+            if stage.held.get(site) != holds:
+                stage.neutral(site, self.dump)
+                stage.row[site, :n] = torch.from_numpy(np.where(tokens.prompt >= 0, row, 0))
+                stage.held[site] = holds
+        used = 0
+        for site, result in program.step(tokens, fresh, computed):
+            if result is None:
+                continue
+            scale, rows, capture = result
+            stage.neutral(site, self.dump)
+            stage.scale[site, :n] = torch.from_numpy(scale)
+            stage.row[site, :n] = torch.from_numpy(rows)
+            if capture is not None:
+                k = len(capture.tokens)
+                if used + k > state.capacity:
+                    raise OverflowError(
+                        f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
+                        f"{state.capacity}; load the model with a larger capture buffer")
+                stage.dest[site, torch.from_numpy(capture.tokens)] = torch.arange(used, used + k)
+                reads = capture.reads.copy()
+                reads[:, 5] += used
+                self.step_reads.append(reads)
+                used += k
+            touched.add(site)
+        return touched
+
+    def _advance(self, run: _PlanRun, ids: list[str], prompts: np.ndarray, lengths: np.ndarray,
+                 recorded: np.ndarray, reached: np.ndarray) -> None:
+        """Count the step, move each request's high-water mark to ``reached`` (the position
+        after its last token of this step), and note the logits actions of the requests
+        that sample in it."""
+        run.stats["steps"] += 1
+        ours = prompts >= 0
+        # a prompt pass that ends before its prompt does
+        run.stats["prompt_chunks"] += int(np.count_nonzero(ours & (reached < lengths)))
+        np.maximum(recorded, np.where(ours, reached, 0), out=recorded)
+        if not run.program.logit_ops:
+            return
+        discard = self.runner.discard_request_mask.np[: len(ids)]
+        for row, rid in enumerate(ids):
+            if rid in run.requests and not discard[row]:
+                prompt_row, prompt_length = run.requests[rid]
+                last = int(reached[row]) - 1
+                step = max(0, last - prompt_length + 1)
+                if run.logits_recorded.get(rid, -1) < step:
+                    run.logits_recorded[rid] = step
+                    actions = run.program.logit_actions(prompt_length, last)
+                    if actions:
+                        self.sampling.append((row, prompt_row, step, actions))
+
+    def _upload(self, stage: _Staging, touched: set[int]) -> None:
+        """Copy the staged tables to the device, whole (a few MB; the device never sees a
+        stale row), unless the device holds the same already (steady decoding)."""
+        nameable = all(site in stage.held for site in touched)
+        holds = {site: stage.held[site] for site in touched} if nameable else None
+        if holds is not None and holds == self.device_holds:
+            return
         if touched or self.dirty:
-            # whole tables, one copy each: a few MB, and the device never sees a stale row
+            state = self.state
             state.scale.copy_(stage.scale, non_blocking=True)
             state.row.copy_(stage.row, non_blocking=True)
             state.dest.copy_(stage.dest, non_blocking=True)
             if stage.copied is not None:
                 stage.copied.record()
-        stage.dirty = touched
-        self.dirty = touched
+        self.device_holds = holds
 
     def after_forward(self) -> None:
         """Rebuild this step's reads from the captured rows, project the lens rows, and
@@ -435,10 +484,10 @@ class _Engine:
         table = np.concatenate(self.step_reads)
         self.step_reads = []
         device = self.state.captured.device
-        rows = torch.from_numpy(table[:, 5].astype(np.int64)).to(device, non_blocking=True)
-        scale = torch.from_numpy(table[:, 6].astype(np.float32)).to(device, self.state.captured.dtype,
-                                                                     non_blocking=True)
-        vector_rows = torch.from_numpy(table[:, 7].astype(np.int64)).to(device, non_blocking=True)
+        # capture row, a, vector row: one upload (float64 holds the indices exactly)
+        rebuild = _upload(np.ascontiguousarray(table[:, 5:8]), device)
+        rows, vector_rows = rebuild[:, 0].long(), rebuild[:, 2].long()
+        scale = rebuild[:, 1].to(self.state.captured.dtype)
         seen = self.state.captured[rows] * scale[:, None] + self.state.vector[vector_rows]
         ops = table[:, 0].astype(np.int64)
         meta = table[:, 1:4].astype(np.int64)  # prompt, step, order
@@ -453,7 +502,7 @@ class _Engine:
                 if not lens[start]:
                     run.keep(index, host[start:stop], meta[start:stop])
         if lens.any():
-            picked = seen if lens.all() else seen[torch.from_numpy(np.flatnonzero(lens)).to(device)]
+            picked = seen if lens.all() else seen[_upload(np.flatnonzero(lens), device)]
             at = np.cumsum(lens) - 1  # each lens row's index in `picked`
             wanted = {run.plan.ops[index].top_k for index, start, _ in groups if lens[start]}
             results = {top_k: self._lens(picked, top_k) for top_k in wanted}
@@ -646,6 +695,18 @@ def _host_empty(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """A host tensor for a copy of ``like``'s kind: pinned when it comes from a GPU, so
     that the copy runs asynchronously."""
     return torch.empty(shape, dtype=like.dtype, pin_memory=like.is_cuda)
+
+
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``, without waiting for it. From pageable memory a copy to a
+    GPU first waits for every kernel queued before it (here: the whole forward pass),
+    so the host could not prepare the next step meanwhile; from pinned memory it is
+    queued and returns. The pinned block comes from torch's caching host allocator,
+    which keeps it until the copy has run."""
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host(value: torch.Tensor) -> torch.Tensor:
