@@ -276,6 +276,64 @@ class StandardizedTransformer:
                 steered[..., positions, :] = steered[..., positions, :] + delta
             self.layers_output[layer] = steered
 
+    # -- weights -------------------------------------------------------------------------
+
+    def weight(self, name: str) -> torch.Tensor:
+        """A weight by its standardized name, the same tensor on both backends.
+
+        The names (`weight_names` lists this model's) are ``"embedding"``,
+        ``"position_embedding"`` (GPT-2, OPT), ``"final_norm"``, ``"unembedding"``, and per
+        layer ``"layers[i].attention_norm"``, ``"layers[i].attention.q"`` (``k``, ``v``,
+        ``o``, ``q_norm``, ``k_norm``), ``"layers[i].attention_output_norm"``,
+        ``"layers[i].mlp_norm"``, ``"layers[i].mlp.gate"`` (``up``, ``down``) and
+        ``"layers[i].mlp_output_norm"``; ``"<name>.bias"`` is the bias of the same
+        module, where it has one (`nnterp.rename.LAYER_WEIGHTS` says what each is). A
+        negative layer index counts from the last layer.
+
+        The layout is Hugging Face's, whatever the backend stores: a linear weight is
+        ``[out_features, in_features]`` as ``torch.nn.Linear`` keeps it (GPT-2's ``Conv1D``
+        weights, stored ``[in, out]``, are transposed), so ``attention.q`` is
+        ``[heads * head_dim, hidden]`` and ``mlp.down`` ``[hidden, intermediate]``; the
+        embedding and the unembedding are ``[vocab, hidden]`` (the real vocabulary: vLLM's
+        padding rows are dropped; a tied unembedding equals the embedding); a norm is
+        its scale as the checkpoint stores it (Gemma's norms multiply by ``1 + weight``).
+        Weights packed into one module (GPT-2's ``c_attn``, vLLM's ``qkv_proj`` and
+        ``gate_up_proj``) are cut apart, and under tensor parallelism the ranks' shards
+        are put together: the result equals the checkpoint's tensor.
+
+        Why a method, not ``model.nnsight_model.lm_head.weight``: on vLLM the weights live
+        in the engine's worker processes, and this process holds only their shapes (a
+        meta-device copy of the model); this method asks the engine.
+
+        Args:
+            name: the standardized weight name.
+
+        Returns:
+            A tensor of its own (editing it does not edit the model), in the model's
+            dtype: on the model's device on HF, on the CPU on vLLM. Call it outside a
+            trace and use the tensor inside; inside one it also works on HF, and on vLLM
+            without tensor parallelism.
+
+        Raises:
+            ValueError: this model has no weight of that name; the message suggests the
+                closest name and lists the valid ones.
+            IndexError: a layer index out of range.
+            NotImplementedError: a per-layer weight of a family whose layers nnterp does
+                not map.
+
+        Example:
+            >>> london = model.tokenizer(" London", add_special_tokens=False)["input_ids"][0]  # doctest: +SKIP
+            >>> direction = model.weight("unembedding")[london]             # doctest: +SKIP
+            >>> model.weight("layers[3].attention.q").shape                 # doctest: +SKIP
+            torch.Size([576, 576])
+        """
+        return self._backend.weight(name)
+
+    def weight_names(self) -> list[str]:
+        """Every name `weight` takes for this model, in the order a forward pass uses them:
+        the embeddings, each layer's weights, the final norm, the unembedding."""
+        return self._backend.weight_names()
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
-"""The examples in the docstrings of every ``nnterp.dsl`` module, and of ``nnterp.rename``,
-run and print what they say.
+"""The examples in the docstrings of every ``nnterp.dsl`` module, and of ``nnterp.rename``
+and ``nnterp.backends.weights``, run and print what they say.
 
 STYLE.md asks every public DSL name for an example that runs with no model loaded; this
 runs them with the rest of the suite, one test per module, so a changed repr or message
@@ -18,7 +18,8 @@ import pytest
 import nnterp.dsl
 
 MODULES = ["nnterp.dsl"] + sorted(
-    info.name for info in pkgutil.walk_packages(nnterp.dsl.__path__, prefix="nnterp.dsl.")) + ["nnterp.rename"]
+    info.name for info in pkgutil.walk_packages(nnterp.dsl.__path__, prefix="nnterp.dsl.")) + [
+    "nnterp.rename", "nnterp.backends.weights"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -139,6 +139,24 @@ def test_patch_and_zero_agree(engines, family):
     assert (plain_a["logits"] - a["logits"]).abs().max() > 10 * ATOL  # the edits acted
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weights_are_put_together_from_the_ranks(engines, family, hf_models):
+    """``model.weight`` at TP=2 is HF's tensor, bit for bit: each rank's shard of the
+    merged q/k/v (the tiny models' one k/v head is shared by both ranks, and counted once)
+    and of gate/up, the row-parallel halves of o and down along their input, the
+    vocabulary's halves, and what every rank holds whole (norms, row-parallel biases)."""
+    _, two = engines(family)
+    hf = hf_models(family)
+    names = two.weight_names()
+    assert names == hf.weight_names()
+    wrong = []
+    for name in names:
+        got = two.weight(name)
+        if not torch.equal(got, hf.weight(name).to(got.dtype)):
+            wrong.append(name)
+    assert not wrong, f"{family}: {len(wrong)} of {len(names)} weights differ from HF's at TP=2, e.g. {wrong[:5]}"
+
+
 def test_raw_accessors_write_and_read_across_ranks(engines):
     one, two = engines("llama")
     results = []

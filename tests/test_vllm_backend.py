@@ -358,7 +358,8 @@ def test_a_model_nnterp_cannot_map_leaves_no_engine_running(tiny_dir):
 
 def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenizer_path, hf_models):
     """vLLM pads the unembedding to a multiple of 64 rows; a lens must not spread
-    probability over the padding. 49,157 = 768 x 64 + 5 leaves 59 padding rows."""
+    probability over the padding, and ``model.weight`` drops it. 49,157 = 768 x 64 + 5
+    leaves 59 padding rows."""
     import tiny_models
     from nnterp.dsl import Lens, run
 
@@ -366,6 +367,10 @@ def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenize
     hf = StandardizedTransformer(folder, backend="hf")
     with StandardizedTransformer(folder, backend="vllm", **engine_kwargs()) as model:
         got = run(Lens(), model, [PROMPT])["lens"]
+        for name in ("embedding", "unembedding"):
+            weight = model.weight(name)
+            assert weight.shape == (49157, hf.hidden_size), name
+            assert torch.equal(weight, hf.weight(name).to(weight.dtype)), name
     want = run(Lens(), hf, [PROMPT])["lens"]
     assert got.shape == want.shape == (1, hf.num_layers, 49157)
     # logits that agree within ATOL give probabilities within 2·ATOL of each p; an absolute

@@ -4,8 +4,9 @@
 transformers and on vLLM lives in a `Backend` subclass. A backend owns its nnsight model
 and implements, for each kind of site (`nnterp.sites.SiteKind`), how to read it and how
 to write it inside a trace, how to start traces and generation, how to run a lowered
-DSL plan, and how to free its resources. What it cannot do is data, in its `limits`
-(`nnterp.backends.limits`), which validation and the facade read.
+DSL plan, how to read a weight by its standardized name, and how to free its resources.
+What it cannot do is data, in its `limits` (`nnterp.backends.limits`), which validation
+and the facade read.
 
 The DSL reaches a backend through one method: ``execute(plan, prompts, sampling) ->
 Execution``, whose argument and result types (`nnterp.dsl.plan`) are plain data that
@@ -90,6 +91,49 @@ class Backend:
         raise NotImplementedError
 
     def project_on_vocab(self, hidden: Any) -> Any:
+        raise NotImplementedError
+
+    # -- weights -------------------------------------------------------------------------
+
+    @property
+    def model_type(self) -> str:
+        return getattr(self.config, "model_type", "?")
+
+    def weight_names(self) -> list[str]:
+        """The standardized names of this model's weights, in forward order (see
+        `nnterp.rename.weight_refs`): those whose module and tensor this backend's model has."""
+        from nnterp.rename import weight_refs
+
+        return [ref.name for ref in weight_refs(self.paths, self.model_type, self.num_layers)
+                if self._locate_weight(ref) is not None]
+
+    def weight(self, name: str) -> Any:
+        """The weight called ``name``, in Hugging Face's layout, as a tensor of its own
+        (see ``StandardizedTransformer.weight``).
+
+        Raises:
+            ValueError: a name this model has no weight for; the message suggests the
+                closest name and lists the valid ones.
+            IndexError: a layer index out of range.
+            NotImplementedError: a per-layer weight of a family nnterp does not map.
+        """
+        from nnterp.rename import unknown_weight_message, weight_ref
+
+        if not isinstance(name, str):
+            raise TypeError(f"weight(...) takes a weight name (str), got {type(name).__name__}")
+        ref = weight_ref(name, self.paths, self.model_type, self.num_layers)
+        where = None if ref is None else self._locate_weight(ref)
+        if where is None:
+            raise ValueError(unknown_weight_message(name, self.weight_names(), self.model_type))
+        return self._read_weight(ref, where)
+
+    def _locate_weight(self, ref: Any) -> Any:
+        """Where this backend's model keeps a `nnterp.rename.WeightRef`, in whatever form
+        `_read_weight` takes; None when the model has no such tensor."""
+        raise NotImplementedError
+
+    def _read_weight(self, ref: Any, where: Any) -> Any:
+        """The tensor at ``where`` (from `_locate_weight`), as a copy in Hugging Face's layout."""
         raise NotImplementedError
 
     def close(self) -> None:

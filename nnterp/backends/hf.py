@@ -23,6 +23,7 @@ import torch
 from nnterp.backends.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
 from nnterp.backends.interpret import generation_may_end_early, run_step
+from nnterp.backends.weights import HeadLayout, unpack
 from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Recorder
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
@@ -266,6 +267,21 @@ class HFBackend(Backend):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
+    def _locate_weight(self, ref: Any) -> Any:
+        module = resolve_path(self.model._module, ref.module)
+        tensor = getattr(module, ref.tensor, None) if module is not None else None
+        return (module, tensor) if isinstance(tensor, torch.Tensor) else None
+
+    def _read_weight(self, ref: Any, where: Any) -> torch.Tensor:
+        # A copy, as on vLLM: editing it does not edit the model.
+        module, tensor = where
+        value = tensor.detach()
+        if ref.tensor == "weight" and _is_conv1d(module):
+            value = value.t()  # GPT-2's Conv1D stores [in, out]; every linear reads [out, in]
+        if ref.packing is not None:
+            value = unpack(value, ref.packing, ref.part, HeadLayout.of(self.config))
+        return value.clone()
+
     def close(self) -> None:
         pass
 
@@ -334,6 +350,13 @@ def _describe(value: Any) -> tuple:
         value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=atol)
     )
     return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
+
+
+def _is_conv1d(module: Any) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers, weight ``[in, out]``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def _wait_for_device() -> None:

@@ -29,6 +29,11 @@ batch-wide executor of `nnterp.backends.vllm_batch`, whose hooks nnterp's worker
 in every engine (and compiles into the model with ``cuda_graphs``). nnsight's per-request
 path stays for ``dsl_executor="nnsight"``, and for every ``trace``.
 
+Weights, likewise, live in the engine: this process's copy of the model (nnsight's
+module tree, on the meta device) has their shapes only. ``weight`` asks every worker for
+its share over vLLM's RPC and puts the shares together (`nnterp.backends.weights`), and
+the copy's parameters refuse to compute, pointing there.
+
 On a machine without CUDA the engine runs on vLLM's CPU backend through
 `nnterp.backends.vllm_cpu`. vLLM itself is imported only inside functions.
 """
@@ -49,6 +54,8 @@ from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.limits import VLLM as VLLM_LIMITS
 from nnterp.backends.vllm_settings import engine_environment, float32_engine_environment, without_multicast
+from nnterp.backends.weights import (META_WEIGHT_MESSAGE, HeadLayout, assemble, guard_meta_parameters,
+                                     local_pieces, locate, unpack)
 from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
 from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
@@ -244,6 +251,9 @@ class VLLMBackend(Backend):
             # the engine's processes start here, and take their environment with them
             with engine_environment(environment):
                 self.model.dispatch()
+        # This process's copy of the model has shapes and no values: computing with one
+        # of its weights raises an error that points to `weight` (nnterp.backends.weights).
+        guard_meta_parameters(self.model._module)
 
     # -- description -----------------------------------------------------------------
 
@@ -477,6 +487,44 @@ class VLLMBackend(Backend):
                 x = x[0]
         return _unembed(root, lm_head, x, getattr(self.config, "final_logit_softcapping", None))
 
+    # -- weights ---------------------------------------------------------------------------
+
+    def _locate_weight(self, ref: Any) -> Any:
+        # This process's meta copy of the model has the engine's module types and
+        # packing (qkv_proj, gate_up_proj), so the weight is found here, with no RPC.
+        return locate(self.model._module, ref)
+
+    def _read_weight(self, ref: Any, where: Any) -> torch.Tensor:
+        """Every worker's share of the tensor, put together (`nnterp.backends.weights`).
+
+        In the client each worker is asked over vLLM's RPC (``nnterp_weight``); inside a
+        trace this code runs in the worker, on its own module.
+        """
+        import pickle
+
+        llm = self.model.vllm_entrypoint
+        if llm is not None:
+            replies = llm.collective_rpc("nnterp_weight", args=(where.module, where.tensor, where.partition))
+            value = assemble([piece for reply in replies for piece in pickle.loads(reply)])
+        else:
+            value = self._read_weight_here(where)
+        if where.unpack:
+            value = unpack(value, ref.packing, ref.part, HeadLayout.of(self.config)).clone()
+        return value
+
+    def _read_weight_here(self, where: Any) -> torch.Tensor:
+        root = self.model._module
+        if getattr(resolve_path(root, where.module), where.tensor).is_meta:
+            raise BackendUnsupportedError("this model's engine is closed, and the weights closed with it; "
+                                          "load the model again to read them")
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        if get_tensor_model_parallel_world_size() > 1:
+            raise BackendUnsupportedError(
+                "model.weight(...) inside a trace runs in each tensor-parallel rank, which holds only its "
+                "shard of the weight; call it before the trace and use the tensor inside")
+        return assemble(local_pieces(root, where)).clone()
+
     def close(self) -> None:
         if getattr(self, "_closed", True):
             return
@@ -621,6 +669,10 @@ def _translate_worker_error(message: str) -> Exception | None:
     first = message.split("\n", 1)[0]
     if first.startswith("BackendUnsupportedError: "):
         return BackendUnsupportedError(first.removeprefix("BackendUnsupportedError: "))
+    if "Cannot copy out of meta tensor" in first:
+        # a tensor of this process's meta copy of the model, shipped into the trace
+        return BackendUnsupportedError(f"a meta-device tensor, which has no values, reached the engine: "
+                                       f"{META_WEIGHT_MESSAGE}")
     gradient_signs = ("does not require grad", "Inference tensors cannot be saved for backward",
                       "inference tensor", "backward")
     if any(sign in first for sign in gradient_signs):

@@ -818,6 +818,14 @@ class NnterpWorkerMixin:
     def nnterp_collect(self, plan_id: str) -> bytes | None:
         return self.model_runner.nnterp_collect(plan_id)
 
+    def nnterp_weight(self, module: str, tensor: str, partition: int | None) -> bytes:
+        """This rank's share of one weight (`nnterp.backends.weights.local_pieces`), copied
+        to the host and pickled: a copy of each piece only, not of the tensor it is cut from."""
+        from nnterp.backends.weights import EngineWeight, local_pieces
+
+        pieces = local_pieces(self.model_runner.get_model(), EngineWeight(module, tensor, partition))
+        return pickle.dumps([(dim, start, length, piece.to("cpu", copy=True)) for dim, start, length, piece in pieces])
+
 
 def _build_gpu_classes() -> dict[str, type]:
     from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
