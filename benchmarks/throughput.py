@@ -264,10 +264,14 @@ class PromptSet:
 
 
 def vllm_generate(llm: Any, prompts: PromptSet, n_tokens: int) -> list:
-    """Vanilla vLLM at its best: token ids in, no detokenizer."""
+    """Vanilla vLLM at its best: token ids in, no detokenizer, and one ``SamplingParams``
+    per request marked ``skip_clone``. Given one shared ``SamplingParams``, vLLM deep-copies
+    it for every request (1.4 s of an 8,192-prompt collect at 8B on an H200, profiled);
+    nnterp's executor builds its own per request, as here."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=n_tokens, detokenize=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=n_tokens, detokenize=False, skip_clone=True)
+              for _ in range(len(prompts))]
     outputs = llm.generate(prompts.tokens_prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
