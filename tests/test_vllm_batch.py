@@ -24,6 +24,8 @@ from nnterp.dsl.lowering import lower
 from nnterp.dsl.plan import OutputKey
 from nnterp.sites import SiteKind
 
+from backend_settings import executor
+
 SPEC = ModelSpec(num_layers=2, hidden_size=4, num_heads=1, vocab_size=10)
 SITES = {(kind, layer): i for i, (kind, layer) in enumerate(
     [(SiteKind.LAYERS_OUTPUT, 0), (SiteKind.LAYERS_OUTPUT, 1), (SiteKind.MLPS_OUTPUT, 0)])}
@@ -196,9 +198,7 @@ def _close(got, want, what, atol):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_batched_and_nnsight_executors_and_hf_agree(family, vllm_models, hf_models, tiny_dir):
-    from nnterp import StandardizedTransformer
-
+def test_batched_and_nnsight_executors_and_hf_agree(family, vllm_models, hf_models):
     model, hf = vllm_models(family), hf_models(family)
     sampling = Sampling(max_tokens=6)
     batched = run(_graph(model), model, PROMPTS, sampling=sampling)
@@ -209,9 +209,8 @@ def test_batched_and_nnsight_executors_and_hf_agree(family, vllm_models, hf_mode
     # (SPEC: 1e-4); probabilities are bounded by it too
     _same_outputs(batched, reference, atol=1e-4)
     if family == "llama":
-        with StandardizedTransformer(tiny_dir(family), backend="vllm", dsl_executor="nnsight",
-                                     dtype="float32") as old:
-            nnsight = run(_graph(old), old, PROMPTS, sampling=sampling)
+        with executor(model, "nnsight"):
+            nnsight = run(_graph(model), model, PROMPTS, sampling=sampling)
         assert nnsight.manifest["executor"].startswith("vllm/nnsight")
         assert nnsight.tokens == batched.tokens
         _same_outputs(batched, nnsight, atol=1e-5)
@@ -219,18 +218,15 @@ def test_batched_and_nnsight_executors_and_hf_agree(family, vllm_models, hf_mode
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_chunked_prefill_and_preemption_give_the_same_results(vllm_models, tiny_dir):
+def test_chunked_prefill_and_preemption_give_the_same_results(vllm_models):
     """A tiny KV cache and a 16-token step budget: vLLM splits the prompts across steps and
     preempts requests, then prefills them again. Results must not change."""
-    from nnterp import StandardizedTransformer
-
     plain = vllm_models("llama")
     sampling = Sampling(max_tokens=32)
     want = run(_graph(plain), plain, PROMPTS, sampling=sampling)
-    with StandardizedTransformer(tiny_dir("llama"), backend="vllm", dtype="float32",
-                                 enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=4,
-                                 block_size=32, num_gpu_blocks_override=6, max_model_len=128) as tight:
-        got = run(_graph(tight), tight, PROMPTS, sampling=sampling)
+    tight = vllm_models("llama", enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=4,
+                        block_size=32, num_gpu_blocks_override=6, max_model_len=128)
+    got = run(_graph(tight), tight, PROMPTS, sampling=sampling)
     stats = got.manifest["executor_stats"]
     # the settings must have forced both, or this test would pass without testing them
     assert stats["prompt_chunks"] > 0 and stats["preemptions"] > 0, stats
@@ -240,11 +236,9 @@ def test_chunked_prefill_and_preemption_give_the_same_results(vllm_models, tiny_
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_prefix_caching_neither_skips_hooks_nor_shares_edited_prefixes(vllm_models, tiny_dir):
+def test_prefix_caching_neither_skips_hooks_nor_shares_edited_prefixes(vllm_models):
     """With prefix caching on, a run could be served a prefix from the cache (no hook
     would see those tokens) or leave its edited prefix for an unedited request."""
-    from nnterp import StandardizedTransformer
-
     plain = vllm_models("llama")
     # longer than two cache blocks: only whole blocks are cached
     prompts = ["The capital of France is the city of lights, and the capital of Italy is the city of "
@@ -252,11 +246,10 @@ def test_prefix_caching_neither_skips_hooks_nor_shares_edited_prefixes(vllm_mode
                "is a city by the sea. Which of them is the oldest? The answer is"] * 2
     steer = Steer(0, torch.full((plain.hidden_size,), 0.5)) >> Read("layers[1].output", positions=None)
     clean, steered = (run(g, plain, prompts) for g in (Read("layers[1].output", positions=None), steer))
-    with StandardizedTransformer(tiny_dir("llama"), backend="vllm", dtype="float32",
-                                 enable_prefix_caching=True, block_size=32) as cached:
-        for graph, want in ((steer, steered), (Read("layers[1].output", positions=None), clean), (steer, steered)):
-            got = run(graph, cached, prompts)
-            _close(got["layers[1].output"], want["layers[1].output"], "layers[1].output", atol=1e-5)
+    cached = vllm_models("llama", enable_prefix_caching=True, block_size=32)
+    for graph, want in ((steer, steered), (Read("layers[1].output", positions=None), clean), (steer, steered)):
+        got = run(graph, cached, prompts)
+        _close(got["layers[1].output"], want["layers[1].output"], "layers[1].output", atol=1e-5)
 
 
 @pytest.mark.vllm

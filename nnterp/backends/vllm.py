@@ -388,8 +388,12 @@ class VLLMBackend(Backend):
         with nnsight, one request and one intervention per prompt."""
         for site in plan.sites():
             self._require(site.kind)
-        for prompt in prompts:
-            _check_prompt_length(self.model, prompt)
+        prompts = Prompts.of(prompts, self.model.tokenizer)
+        # one look-up of the limit for a sweep: thousands of prompts, one check each
+        limit = self.model.vllm_entrypoint.llm_engine.model_config.max_model_len
+        for ids in prompts.token_ids:
+            if len(ids) >= limit:
+                raise PromptTooLongError(_too_long(len(ids), limit))
         if self.dsl_executor == "batched":
             return self._execute_batched(plan, prompts, sampling)
         return self._execute_nnsight(plan, prompts, sampling)
@@ -750,10 +754,12 @@ def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
         return
     n = len(vllm_model.tokenizer(prompt)["input_ids"])
     if n >= limit:
-        raise PromptTooLongError(
-            f"the prompt has {n} tokens but this engine's max_model_len is {limit}; "
-            f"shorten it or load the model with a larger max_model_len (and KV cache)"
-        )
+        raise PromptTooLongError(_too_long(n, limit))
+
+
+def _too_long(n: int, limit: int) -> str:
+    return (f"the prompt has {n} tokens but this engine's max_model_len is {limit}; "
+            f"shorten it or load the model with a larger max_model_len (and KV cache)")
 
 
 def _flatten_prompts(inputs: tuple) -> list:

@@ -66,6 +66,7 @@ call ``torch.set_num_threads`` in the engine.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -197,13 +198,46 @@ def shutdown_vllm(model: Any, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
     client = getattr(engine, "engine_core", None)
     if client is not None and hasattr(client, "shutdown"):
         # a client without a timeout parameter (older vLLM) waits vLLM's default
-        if "timeout" in inspect.signature(client.shutdown).parameters:
-            client.shutdown(timeout=timeout)
-        else:
-            client.shutdown()
+        with _no_accelerator_cache():
+            if "timeout" in inspect.signature(client.shutdown).parameters:
+                client.shutdown(timeout=timeout)
+            else:
+                client.shutdown()
     model.vllm_entrypoint = None
     del llm, engine, client
     gc.collect()
+
+
+@contextlib.contextmanager
+def _no_accelerator_cache() -> Iterator[None]:
+    """``torch.accelerator.empty_cache`` as a no-op while an engine shuts down on CPU.
+
+    An engine run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no engine or
+    worker process to spawn, the test suite's shared engines) shuts its worker down
+    here, and the runner's shutdown empties the accelerator's cache, which raises on a
+    CPU-only torch. In a worker process vLLM's CPU runner has already made it a no-op.
+    """
+    global _noop_depth, _saved_empty_cache
+    if not is_cpu_only():
+        yield
+        return
+    with _noop_lock:  # engines may shut down from several threads at once
+        if _noop_depth == 0:
+            _saved_empty_cache = torch.accelerator.empty_cache
+            torch.accelerator.empty_cache = _empty_cache_noop
+        _noop_depth += 1
+    try:
+        yield
+    finally:
+        with _noop_lock:
+            _noop_depth -= 1
+            if _noop_depth == 0:
+                torch.accelerator.empty_cache = _saved_empty_cache
+
+
+_noop_lock = threading.Lock()
+_noop_depth = 0
+_saved_empty_cache: Any = None
 
 
 def _build(name: str) -> Any:
