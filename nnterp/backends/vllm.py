@@ -421,10 +421,9 @@ class VLLMBackend(Backend):
         # run decodes the generated tokens itself; vLLM's own detokenizer would decode them
         # a second time, request by request (7% of a 1.1B collect of 8,192 prompts on an H200)
         options["detokenize"] = False
-        params = [SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                 top_p=sampling.top_p, seed=sampling.seed, extra_args={"nnterp": [plan_id, row]},
-                                 **options)
-                  for row in range(len(prompts))]
+        template = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                  top_p=sampling.top_p, seed=sampling.seed, **options)
+        params = _tagged_copies(template, plan_id, len(prompts))
         # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a sweep
         # in one batch call, whose cost for thousands of short prompts is about that of
         # their forward passes.
@@ -755,6 +754,24 @@ def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
     n = len(vllm_model.tokenizer(prompt)["input_ids"])
     if n >= limit:
         raise PromptTooLongError(_too_long(n, limit))
+
+
+def _tagged_copies(template: Any, plan_id: str, n: int) -> list:
+    """``n`` shallow copies of ``template``, each tagged with its request's row.
+
+    Each request needs its own params for its tag. Building each anew validates it anew,
+    and vLLM's validation reads its environment variables through a slow lookup: 0.6 s of
+    a 4,096-prompt lens at 1.1B on an H200 (profiled). A copy of one validated template
+    skips all of it; the tag is the only field that differs, and it is a new dict.
+    """
+    import copy
+
+    copies = []
+    for row in range(n):
+        params = copy.copy(template)
+        params.extra_args = {"nnterp": [plan_id, row]}
+        copies.append(params)
+    return copies
 
 
 def _too_long(n: int, limit: int) -> str:
