@@ -70,7 +70,9 @@ def collect_token_activations_batched(model: Any, prompts: Sequence[str], batch_
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("collect_token_activations_batched: no prompts given; pass a non-empty list")
     parts = []
     with tqdm(total=len(prompts), desc="activations", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):

@@ -58,6 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
     from nnterp.demo import run_demo
 
     backends = ("hf", "vllm") if args.backend == "both" else (args.backend,)
+    if not args.prompt:
+        raise CommandError("--prompt is empty: give some text to run")
     run_demo(backends=backends, prompt=args.prompt, max_tokens=args.max_tokens, out=sys.stdout)
     return 0
 
@@ -141,6 +143,9 @@ def _run(args: argparse.Namespace) -> int:
     graph = _load_graph(args.graph)
     if not args.prompt:
         raise CommandError("give at least one --prompt")
+    empty = [i for i, prompt in enumerate(args.prompt) if not prompt]
+    if empty:
+        raise CommandError(f"--prompt number {empty[0] + 1} is empty: give some text to run")
     try:
         sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature)
     except ValueError as err:

@@ -138,16 +138,23 @@ def patchscope_generate(model: Any, prompts: str | Sequence[str], target_prompt:
 
 
 def steer(model: Any, prompts: str | Sequence[str], layer: int | Sequence[int], vector: torch.Tensor,
-          factor: float = 1.0, positions: Any = None, *, max_tokens: int = 10, temperature: float = 0.0,
-          top_p: float = 1.0, seed: int | None = None):
-    """Generate with ``factor * vector`` added to the residual stream after ``layer``.
+          scale: float = 1.0, positions: Any = None, *, max_tokens: int = 10, temperature: float = 0.0,
+          top_p: float = 1.0, seed: int | None = None, factor: float | None = None):
+    """Generate with ``scale * vector`` added to the residual stream after ``layer``.
 
     With ``positions=None`` the vector is added at every prompt position and at every
-    generated token.
+    generated token. ``factor=`` is the old name of ``scale=`` (deprecated).
 
     Returns:
         The `RunResult`: ``.texts`` and ``.tokens`` per prompt.
     """
+    if factor is not None:
+        if scale != 1.0:
+            raise TypeError("steer: got both factor= and scale=; factor= is the old name of scale=, pass only scale=")
+        import warnings
+
+        warnings.warn("steer(factor=...) is deprecated; call it scale=", DeprecationWarning, stacklevel=2)
+        scale = factor
     layers = [layer] if isinstance(layer, int) else list(layer)
-    graph = Graph(tuple(Steer(l, vector, scale=factor, positions=positions) for l in layers))
+    graph = Graph(tuple(Steer(l, vector, scale=scale, positions=positions) for l in layers))
     return run(graph, model, _prompts(prompts), sampling=_sampling(max_tokens, temperature, top_p, seed))

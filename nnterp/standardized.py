@@ -125,6 +125,12 @@ class StandardizedTransformer:
         return self._backend.attention_probs_enabled
 
     @property
+    def max_model_len(self) -> int | None:
+        """The most tokens, prompt plus generated, a sequence may hold on this backend
+        (the vLLM engine's ``max_model_len``), or None where the backend sets no limit."""
+        return self._backend.max_model_len
+
+    @property
     def config(self):
         return self._backend.config
 
@@ -227,11 +233,13 @@ class StandardizedTransformer:
         accepted on both backends; on HF ``max_tokens`` above 1 is an error that points
         to `generate`.
         """
+        _check_trace_inputs(inputs)
         return self._backend.trace(*inputs, **kwargs)
 
     def generate(self, *inputs: Any, max_tokens: int = 1, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, **kwargs: Any):
         """Trace a generation of ``max_tokens`` new tokens; step with ``tracer.iter``."""
+        _check_trace_inputs(inputs)
         return self._backend.generate(
             *inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, **kwargs
         )
@@ -255,20 +263,34 @@ class StandardizedTransformer:
                 return self._backend.project_on_vocab(hidden)
         return self._backend.project_on_vocab(hidden)
 
-    def steer(self, layers: int | list[int], steering_vector: torch.Tensor, factor: float = 1.0,
-              positions: int | list[int] | None = None) -> None:
-        """Add ``factor * steering_vector`` to ``layers_output`` of each layer, inside a trace.
+    def steer(self, layers: int | list[int], vector: torch.Tensor | None = None, scale: float = 1.0,
+              positions: int | list[int] | None = None, *, steering_vector: torch.Tensor | None = None,
+              factor: float | None = None) -> None:
+        """Add ``scale * vector`` to ``layers_output`` of each layer, inside a trace.
+
+        The names are the DSL's (``Steer(layer, vector, scale)``) and the function API's;
+        ``steering_vector=`` and ``factor=`` are their old spellings, kept for one release
+        with a ``DeprecationWarning``.
 
         Args:
             layers: a layer index or a list of them.
-            steering_vector: ``[hidden]``.
-            factor: scale applied to the vector.
+            vector: ``[hidden]``, finite.
+            scale: the vector's strength.
             positions: token positions to steer; ``None`` steers every position.
+
+        Raises:
+            ValueError: the vector or the scale is not finite (a NaN would turn every
+                later activation and probability into NaN, without an error).
         """
+        vector = _renamed("model.steer", "steering_vector", steering_vector, "vector", vector)
+        scale = _renamed("model.steer", "factor", factor, "scale", scale, default=1.0)
+        if vector is None:
+            raise TypeError("model.steer(layers, vector, scale=1.0) needs a vector")
+        _check_finite("model.steer", vector, scale)
         layer_list = [layers] if isinstance(layers, int) else list(layers)
         for layer in layer_list:
             current = self.layers_output[layer]
-            delta = (factor * steering_vector).to(device=current.device, dtype=current.dtype)
+            delta = (scale * vector).to(device=current.device, dtype=current.dtype)
             steered = current.clone()
             if positions is None:
                 steered = steered + delta
@@ -351,13 +373,67 @@ class StandardizedTransformer:
         # module paths (model.model.layers[0]) work on the same object.
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self._backend.model, name)
+        try:
+            return getattr(self._backend.model, name)
+        except AttributeError:
+            pass
+        import difflib
+
+        known = [n for n in dir(type(self)) if not n.startswith("_")] + [
+            n for n in vars(self) if not n.startswith("_")]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]!r}?" if close else \
+            " (nor has the underlying nnsight model, nor its module)"
+        raise AttributeError(f"StandardizedTransformer has no attribute {name!r}{hint}") from None
 
     def __repr__(self) -> str:
         return (
             f"StandardizedTransformer({self.name_or_path!r}, backend={self.backend!r}, "
             f"num_layers={self.num_layers}, hidden_size={self.hidden_size})"
         )
+
+
+def _check_trace_inputs(inputs: tuple) -> None:
+    """Refuse what a trace cannot run, before nnsight turns it into an error about its
+    internals: an empty list of prompts, or an empty prompt (no token to run)."""
+    for value in inputs:
+        if isinstance(value, str) and not value:
+            raise ValueError("the prompt is empty: a trace needs at least one token; pass some text")
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("the list of prompts is empty: pass a prompt, a non-empty list of them, "
+                                 "or no argument and tracer.invoke(prompt) for each")
+            empty = [i for i, item in enumerate(value) if isinstance(item, str) and not item]
+            if empty:
+                raise ValueError(f"prompts[{empty[0]}] is empty: a trace needs at least one token per prompt")
+
+
+def _renamed(where: str, old: str, old_value: Any, new: str, new_value: Any, default: Any = None) -> Any:
+    """The value of an argument that has a new name: the new one's, or the old one's with a
+    ``DeprecationWarning`` that names the new one; both given is an error."""
+    if old_value is None:
+        return new_value
+    if new_value is not default and new_value is not None:
+        raise TypeError(f"{where}: got both {old}= and {new}=; {old}= is the old name of {new}=, pass only {new}=")
+    import warnings
+
+    warnings.warn(f"{where}({old}=...) is deprecated; call it {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def _check_finite(where: str, vector: Any, scale: Any) -> None:
+    """Refuse a steering vector or scale with NaN or infinity (a real tensor, not a value
+    of the trace): one NaN makes every later activation NaN, and nothing fails."""
+    import math
+
+    if isinstance(scale, (int, float)) and not math.isfinite(scale):
+        raise ValueError(f"{where}: scale is {scale}; steering needs a finite scale")
+    if isinstance(vector, torch.Tensor) and type(vector) is torch.Tensor and vector.device.type != "meta":
+        bad = (~torch.isfinite(vector)).nonzero().flatten()
+        if len(bad):
+            shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(f"{where}: the vector has {len(bad)} non-finite values (NaN or infinity) at "
+                             f"index {shown}; steering with it would make every later activation NaN")
 
 
 def _choose_backend(backend: str | None, use_vllm: bool) -> str:

@@ -118,6 +118,8 @@ def test_bad_input_is_one_line_and_no_traceback(tmp_path, nnterp_cli):
                  ("run", truncated, "--prompt", "x", "--model", tmp_path / "no-model"),
                  ("run", truncated),
                  ("validate", lens, "--model", tmp_path / "no-model"),
-                 ("run", lens, "--prompt", "x", "--max-tokens", "0")):
+                 ("run", lens, "--prompt", "x", "--max-tokens", "0"),
+                 ("run", lens, "--prompt", "x", "--prompt", ""),
+                 ("demo", "--prompt", "")):
         status, _, err = nnterp_cli(*args)
         _assert_one_line_error(status, err)

@@ -103,7 +103,7 @@ def test_steering_with_zero_changes_nothing_and_a_real_vector_changes_the_text(b
     from nnterp.demo import _unembedding_row
 
     direction = _unembedding_row(token)
-    steered = steer(model, PROMPTS[:2], 25, direction / direction.norm(), factor=80.0, max_tokens=6)
+    steered = steer(model, PROMPTS[:2], 25, direction / direction.norm(), scale=80.0, max_tokens=6)
     assert steered.texts != clean.texts
     assert " London" in steered.texts[0]
 

@@ -507,3 +507,20 @@ def test_gemma_embeddings_are_read_and_written_scaled(family, executor, hf_model
         # in the model's dtype: written, divided by the multiplier, multiplied back
         assert_close_per_token(got["embeddings.output"][row][0:1], value, f"{family} {executor} patched row {row}")
     _assert_reads_close(got, want, ["embeddings.output", "layers[0].output"], f"{family} {executor}")
+
+
+def test_a_run_that_would_stop_at_the_engines_context_is_refused_before_it_runs(vllm_models):
+    """vLLM stops a sequence at max_model_len without a word: 20 tokens asked of a prompt
+    7 tokens short of the context gave 7. Validation refuses the run instead."""
+    from nnterp.dsl import Read, Sampling, ValidationError, run
+
+    vllm = vllm_models("llama")
+    limit = vllm.max_model_len
+    prompt = " ".join(["word"] * (limit - 8))
+    length = len(vllm.tokenizer(prompt)["input_ids"])
+    assert limit - 20 < length < limit, length
+    with pytest.raises(ValidationError, match=f"context of {limit} tokens") as caught:
+        run(Read("layers[0].output"), vllm, [PROMPT, prompt], sampling=Sampling(max_tokens=20))
+    assert "prompts[1]" in str(caught.value) and "prompts[0]" not in str(caught.value)
+    # up to the context exactly is fine
+    run(Read("layers[0].output"), vllm, [prompt], sampling=Sampling(max_tokens=limit - length))

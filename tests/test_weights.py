@@ -143,7 +143,7 @@ def test_vllm_steers_with_a_weight_as_hf_does(hf_models, vllm_models):
     direction = vllm.weight("unembedding")[london]
     direction = direction / direction.norm()
     with vllm.trace(PROMPT):
-        vllm.steer(layers=25, steering_vector=direction, factor=90.0)
+        vllm.steer(layers=25, vector=direction, scale=90.0)
         steered = vllm.next_token_probs.save()
         inside = vllm.weight("unembedding")[london].save()
     assert vllm.tokenizer.decode(steered[0].argmax()) == " London"
@@ -165,7 +165,7 @@ def test_vllm_meta_weights_say_to_use_model_weight(vllm_models):
     detached = weight.detach()  # an alias, still without values; shipped into a trace it explains itself
     with pytest.raises(BackendUnsupportedError, match=r"model\.weight"):
         with vllm.trace(PROMPT):
-            vllm.steer(layers=25, steering_vector=detached[0], factor=1.0)
+            vllm.steer(layers=25, vector=detached[0], scale=1.0)
             vllm.next_token_probs.save()
 
 

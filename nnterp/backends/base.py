@@ -57,6 +57,12 @@ class Backend:
         """Whether attention probabilities can be read (HF: loaded with them)."""
         return False
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The most tokens, prompt and generated, one sequence may hold, where the backend
+        enforces a limit (a vLLM engine's ``max_model_len``); None where it does not."""
+        return None
+
     def _module_envoy(self, kind: SiteKind, layer: int | None):
         """The nnsight envoy of the module whose output (or input) is the site."""
         from nnterp.rename import resolve_path

@@ -258,6 +258,12 @@ class VLLMBackend(Backend):
     # -- description -----------------------------------------------------------------
 
     @property
+    def max_model_len(self) -> int | None:
+        # vLLM stops a sequence at this length without a word, whatever max_tokens says
+        llm = self.model.vllm_entrypoint
+        return None if llm is None else int(llm.llm_engine.model_config.max_model_len)
+
+    @property
     def num_layers(self) -> int:
         return self._num_layers
 
@@ -672,6 +678,11 @@ def _translate_worker_error(message: str) -> Exception | None:
     first = message.split("\n", 1)[0]
     if first.startswith("BackendUnsupportedError: "):
         return BackendUnsupportedError(first.removeprefix("BackendUnsupportedError: "))
+    # a trace's body runs in the worker: nnterp's own checks there (a layer index out of
+    # range, a NaN steering vector) reach the user as the error they are, not a RuntimeError
+    for kind in (IndexError, ValueError):
+        if first.startswith(f"{kind.__name__}: "):
+            return kind(first.removeprefix(f"{kind.__name__}: "))
     if "Cannot copy out of meta tensor" in first:
         # a tensor of this process's meta copy of the model, shipped into the trace
         return BackendUnsupportedError(f"a meta-device tensor, which has no values, reached the engine: "

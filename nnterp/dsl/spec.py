@@ -101,6 +101,9 @@ class ModelSpec:
     vocab_size: int = attrs.field(validator=_positive_int)
     backend: str = attrs.field(default="hf", validator=_backend_name)
     attention_probs_enabled: bool = attrs.field(default=False, validator=_bool)
+    #: the most tokens (prompt plus generated) one sequence may hold, where the backend
+    #: enforces it (a vLLM engine); None: no limit known
+    max_model_len: int | None = attrs.field(default=None, kw_only=True)
     supported: frozenset[type[Node]] = attrs.field(
         default=attrs.Factory(lambda self: supported_by(self.backend), takes_self=True),
         converter=frozenset,
@@ -141,6 +144,7 @@ class ModelSpec:
             vocab_size=int(model.vocab_size),
             backend=model.backend,
             attention_probs_enabled=bool(probs),
+            max_model_len=getattr(model, "max_model_len", None),
         )
 
     @classmethod

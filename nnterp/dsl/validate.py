@@ -161,7 +161,34 @@ def problems(graph: Graph, spec: ModelSpec, run: RunFacts | None = None) -> tupl
         name = node.output_name
         if name is not None and name not in names:
             names[name] = index
+    if run is not None:
+        found.extend(_context_problems(spec, run))
     return tuple(found)
+
+
+#: the most prompts a problem about prompts lists by index, before "and N more"
+_LISTED = 8
+
+
+def _context_problems(spec: ModelSpec, run: RunFacts) -> Iterator[Problem]:
+    """Prompts that, with the tokens the run generates, exceed the model's context. vLLM
+    stops such a sequence at its ``max_model_len`` and says nothing: the run would return
+    fewer tokens than asked, or none."""
+    limit = spec.max_model_len
+    if limit is None:
+        return
+    over = [(row, length) for row, length in enumerate(run.prompt_lengths) if length + run.max_tokens > limit]
+    if not over:
+        return
+    listed = ", ".join(f"prompts[{row}] ({length} tokens)" for row, length in over[:_LISTED])
+    more = f" and {len(over) - _LISTED} more" if len(over) > _LISTED else ""
+    longest = max(length for _, length in over)
+    room = limit - longest
+    fix = (f"lower max_tokens to {room}" if room >= 1 else "shorten the prompts") + \
+        ", shorten the prompts, or load the model with a larger max_model_len (and KV cache)"
+    yield Problem("prompts", f"{listed}{more}: the prompt and the {run.max_tokens} tokens to generate exceed "
+                  f"the model's context of {limit} tokens, where generation would stop early without a word",
+                  fix)
 
 
 # -- rules -----------------------------------------------------------------------------

@@ -357,3 +357,16 @@ def test_validate_unreadable_config(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": "four"}))
     with pytest.raises(ValidationError):
         validate(Read("logits"), folder)
+
+
+def test_a_prompt_and_its_generation_past_the_context_is_a_problem_listing_each_prompt():
+    spec = ModelSpec(num_layers=2, hidden_size=4, num_heads=1, vocab_size=10, backend="vllm", max_model_len=64)
+    fine = problems(Graph([Read("layers[0].output")]), spec, RunFacts(prompt_lengths=(50, 44), max_tokens=14))
+    assert fine == ()
+    found = problems(Graph([Read("layers[0].output")]), spec, RunFacts(prompt_lengths=(50, 60, 44), max_tokens=15))
+    assert len(found) == 1 and found[0].where == "prompts"
+    assert "prompts[0] (50 tokens), prompts[1] (60 tokens)" in found[0].what and "prompts[2]" not in found[0].what
+    assert "64" in found[0].what and "lower max_tokens to 4" in found[0].fix
+    # no limit known (HF, or a spec without one): nothing to check
+    unlimited = attrs.evolve(spec, max_model_len=None)
+    assert problems(Graph([Read("layers[0].output")]), unlimited, RunFacts(prompt_lengths=(500,), max_tokens=99)) == ()

@@ -1,0 +1,91 @@
+"""What a new user meets one step past the README: each gives the right answer or a
+clear error, on both backends (issue "No silent wrong answers")."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+PROMPT = "The capital of France is"
+
+
+def _models(hf_models, vllm_models, backend):
+    return hf_models("llama") if backend == "hf" else vllm_models("llama")
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def test_steering_with_nan_is_refused_and_the_model_still_answers(backend, hf_models, vllm_models):
+    model = _models(hf_models, vllm_models, backend)
+    vector = torch.zeros(model.hidden_size)
+    vector[3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values .* at index 3"):
+        with model.trace(PROMPT):
+            model.steer(1, vector, scale=2.0)
+            model.next_token_probs.save()
+    with pytest.raises(ValueError, match="finite scale"):
+        with model.trace(PROMPT):
+            model.steer(1, torch.zeros(model.hidden_size), scale=float("inf"))
+            model.next_token_probs.save()
+    with model.trace(PROMPT):
+        probs = model.next_token_probs.save()
+    assert torch.isfinite(probs).all()
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def test_a_layer_past_the_last_is_an_index_error_naming_the_range(backend, hf_models, vllm_models):
+    model = _models(hf_models, vllm_models, backend)
+    n = model.num_layers
+    with pytest.raises(IndexError, match=rf"layers_output\[{n}\]: this model has {n} layers"):
+        with model.trace(PROMPT):
+            model.layers_output[n].save()
+
+
+def test_steer_takes_the_dsl_names_and_the_old_ones_warn(hf_models):
+    from nnterp.interventions import steer
+
+    model = hf_models("llama")
+    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with model.trace(PROMPT):
+        model.steer(1, vector=vector, scale=3.0)
+        new = model.next_token_probs.save()
+    with pytest.warns(DeprecationWarning, match=r"steering_vector=.*call it vector="):
+        with model.trace(PROMPT):
+            model.steer(1, steering_vector=vector, scale=3.0)
+            old_vector = model.next_token_probs.save()
+    with pytest.warns(DeprecationWarning, match=r"factor=.*call it scale="):
+        with model.trace(PROMPT):
+            model.steer(1, vector, factor=3.0)
+            old_factor = model.next_token_probs.save()
+    assert torch.equal(new, old_vector) and torch.equal(new, old_factor)
+    with pytest.raises(TypeError, match="only scale="):
+        with model.trace(PROMPT):
+            model.steer(1, vector, scale=2.0, factor=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names warn about nothing
+        by_scale = steer(model, PROMPT, 1, vector, scale=3.0, max_tokens=3)
+    with pytest.warns(DeprecationWarning, match=r"steer\(factor=\.\.\.\) is deprecated; call it scale="):
+        by_factor = steer(model, PROMPT, 1, vector, factor=3.0, max_tokens=3)
+    assert by_scale.tokens == by_factor.tokens
+
+
+def test_empty_inputs_and_typos_get_errors_that_say_what_to_do(hf_models):
+    from nnterp.activations import collect_token_activations_batched
+
+    model = hf_models("llama")
+    with pytest.raises(ValueError, match="list of prompts is empty"):
+        with model.trace([]):
+            model.logits.save()
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        with model.trace(""):
+            model.logits.save()
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        with model.trace(["Hi", ""]):
+            model.logits.save()
+    with pytest.raises(ValueError, match="no prompts given"):
+        collect_token_activations_batched(model, [], progress=False)
+    with pytest.raises(AttributeError, match="did you mean 'layers_output'"):
+        model.layers_outputs
+    # raw nnsight paths still fall through
+    assert model.model.layers[0] is not None
