@@ -3,6 +3,7 @@ clear error, on both backends (issue "No silent wrong answers")."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -89,3 +90,25 @@ def test_empty_inputs_and_typos_get_errors_that_say_what_to_do(hf_models):
         model.layers_outputs
     # raw nnsight paths still fall through
     assert model.model.layers[0] is not None
+
+
+def _sampled(model, prompts, seed):
+    from nnterp.dsl import Read, Sampling, run
+
+    return run(Read("layers[0].output"), model, prompts,
+               sampling=Sampling(max_tokens=6, temperature=1.0, seed=seed)).tokens
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm-batched", marks=[pytest.mark.vllm, pytest.mark.slow]),
+                                     pytest.param("vllm-nnsight", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def test_a_seed_makes_the_run_reproducible_and_copies_of_a_prompt_still_differ(backend, hf_models, vllm_models):
+    from backend_settings import executor
+
+    model = _models(hf_models, vllm_models, backend.split("-")[0])
+    prompts = [PROMPT] * 4
+    with executor(model, backend.split("-")[1]) if backend.startswith("vllm") else contextlib.nullcontext():
+        first, again, other = _sampled(model, prompts, 0), _sampled(model, prompts, 0), _sampled(model, prompts, 1)
+    assert first == again
+    assert len({tuple(t) for t in first}) == 4, first  # four copies, four samples
+    assert first != other
+

@@ -429,7 +429,7 @@ class VLLMBackend(Backend):
         options["detokenize"] = False
         template = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                   top_p=sampling.top_p, seed=sampling.seed, **options)
-        params = _tagged_copies(template, plan_id, len(prompts))
+        params = _tagged_copies(template, plan_id, len(prompts), sampling)
         # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a sweep
         # in one batch call, whose cost for thousands of short prompts is about that of
         # their forward passes.
@@ -466,11 +466,11 @@ class VLLMBackend(Backend):
             # which would also ship the tracer.
             if steps == 1:
                 for row, prompt in enumerate(prompts):
-                    with tracer.invoke(prompt):
+                    with tracer.invoke(prompt, **_own_seed(sampling, row)):
                         run_step(self, plan, 0, [row], [0], store, {})
             else:
                 for row, prompt in enumerate(prompts):
-                    with tracer.invoke(prompt):
+                    with tracer.invoke(prompt, **_own_seed(sampling, row)):
                         scratch = {}
                         # The loop ends early, and nothing after it runs, when the
                         # request reaches end of sequence first; so nothing follows it.
@@ -767,13 +767,19 @@ def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
         raise PromptTooLongError(_too_long(n, limit))
 
 
-def _tagged_copies(template: Any, plan_id: str, n: int) -> list:
+def _own_seed(sampling: Sampling, row: int) -> dict:
+    """A request's own sampling seed, as invoke keywords (none without a run seed)."""
+    return {} if sampling.seed is None else {"seed": sampling.request_seed(row)}
+
+
+def _tagged_copies(template: Any, plan_id: str, n: int, sampling: Sampling) -> list:
     """``n`` shallow copies of ``template``, each tagged with its request's row.
 
     Each request needs its own params for its tag. Building each anew validates it anew,
     and vLLM's validation reads its environment variables through a slow lookup: 0.6 s of
     a 4,096-prompt lens at 1.1B on an H200 (profiled). A copy of one validated template
-    skips all of it; the tag is the only field that differs, and it is a new dict.
+    skips all of it; the tag and the request's own seed (`Sampling.request_seed`) are the
+    only fields that differ.
     """
     import copy
 
@@ -781,6 +787,8 @@ def _tagged_copies(template: Any, plan_id: str, n: int) -> list:
     for row in range(n):
         params = copy.copy(template)
         params.extra_args = {"nnterp": [plan_id, row]}
+        if sampling.seed is not None:
+            params.seed = sampling.request_seed(row)
         copies.append(params)
     return copies
 

@@ -18,6 +18,8 @@ This module imports attrs, the DSL's sites and values only.
 
 from __future__ import annotations
 
+import hashlib
+
 import enum
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
@@ -131,15 +133,31 @@ class Sampling:
     generate, and nodes with ``steps`` other than 0 act or read in those later passes.
     ``temperature=0`` is greedy.
 
+    ``seed`` makes the whole run reproducible: the same graph, prompts and sampling give
+    the same tokens again, on the same backend. It seeds the run, not each prompt, so
+    copies of a prompt still sample differently (as many samples as copies). vLLM draws
+    each request from its own seed, `request_seed`; HF seeds torch once for the batch.
+    The two backends' samples differ from each other.
+
     Example:
         >>> Sampling(max_tokens=10)
         Sampling(max_tokens=10, temperature=0.0, top_p=1.0, seed=None)
+        >>> Sampling(seed=0).request_seed(0) != Sampling(seed=0).request_seed(1)
+        True
     """
 
     max_tokens: int = attrs.field(default=1, validator=_max_tokens)
     temperature: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
     top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p)
     seed: int | None = None
+
+    def request_seed(self, row: int) -> int | None:
+        """The seed of the run's request for ``prompts[row]`` (None without a run seed):
+        a stable function of the run's seed and the row, the same in every process."""
+        if self.seed is None:
+            return None
+        digest = hashlib.sha256(f"nnterp-seed:{self.seed}:{row}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
 
 
 # -- operations --------------------------------------------------------------------------
