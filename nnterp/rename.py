@@ -72,6 +72,12 @@ class ModulePaths:
     #: the ``embeddings_output`` site is that product, as on Hugging Face, whose Gemma
     #: embedding module scales its own output
     embeddings_multiplier: str | None = attrs.field(default=None, kw_only=True)
+    #: the module, below a layer, whose output is what the attention adds to the residual
+    #: stream, where that is not the attention module's own output: a norm the layer
+    #: applies after it (Gemma 2 and 3, OLMo 2: ``post_attention_layernorm``)
+    attention_output: str | None = attrs.field(default=None, kw_only=True)
+    #: the same for the MLP (those families: ``post_feedforward_layernorm``)
+    mlp_output: str | None = attrs.field(default=None, kw_only=True)
 
     def module_path(self, kind: SiteKind, layer: int | None = None) -> str:
         """The dotted path of the module whose output (or input) is a site of ``kind``.
@@ -89,10 +95,12 @@ class ModulePaths:
         if kind is SiteKind.LOGITS:
             raise ValueError("logits are the model's own output; they have no module path")
         block = f"{self.layers}.{layer}"
-        if kind in (SiteKind.ATTENTIONS_OUTPUT, SiteKind.ATTENTION_PROBABILITIES):
+        if kind is SiteKind.ATTENTION_PROBABILITIES:
             return f"{block}.{self.attention}"
+        if kind is SiteKind.ATTENTIONS_OUTPUT:
+            return f"{block}.{self.attention_output or self.attention}"
         if kind is SiteKind.MLPS_OUTPUT:
-            return f"{block}.{self.mlp}"
+            return f"{block}.{self.mlp_output or self.mlp}"
         return block
 
 
@@ -105,6 +113,12 @@ _LLAMA_LIKE = ModulePaths(
     lm_head="lm_head",
 )
 
+# Layers that normalize what the attention and the MLP return before adding it to the
+# residual stream: the sites are the norms' outputs, so that layers_input +
+# attentions_output + mlps_output is layers_output, as in every other family.
+_SANDWICH_NORMS = attrs.evolve(_LLAMA_LIKE, attention_output="post_attention_layernorm",
+                               mlp_output="post_feedforward_layernorm")
+
 #: model_type -> ModulePaths for every family nnterp is tested on.
 KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
     "llama": _LLAMA_LIKE,
@@ -112,10 +126,10 @@ KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _SANDWICH_NORMS,
+    "gemma3_text": _SANDWICH_NORMS,
     "phi3": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    "olmo2": _SANDWICH_NORMS,
     "gpt2": ModulePaths(
         layers="transformer.h",
         attention="attn",
@@ -146,8 +160,11 @@ KNOWN_ARCHITECTURES: Mapping[str, ModulePaths] = {
 }
 
 #: The fields that are module paths, and those of them a model may lack.
-_PATH_FIELDS = ("layers", "attention", "mlp", "embeddings", "final_norm", "lm_head", "embeddings_multiplier")
-_OPTIONAL = ("final_norm", "embeddings_multiplier")
+_PATH_FIELDS = ("layers", "attention", "mlp", "embeddings", "final_norm", "lm_head", "embeddings_multiplier",
+                "attention_output", "mlp_output")
+_OPTIONAL = ("final_norm", "embeddings_multiplier", "attention_output", "mlp_output")
+#: the fields that are paths below a layer
+_IN_LAYER = ("attention", "mlp", "attention_output", "mlp_output")
 #: Where the base model sits in vLLM's generic transformers back end
 #: (``TransformersForCausalLM``): Hugging Face's ``AutoModel`` at ``model``.
 _TRANSFORMERS_BACKEND_BASE = "model"
@@ -293,7 +310,7 @@ def missing_paths(module, paths: ModulePaths | None) -> list[str]:
             if path is None and key in _OPTIONAL:
                 continue
             base = module
-            if key in ("attention", "mlp"):
+            if key in _IN_LAYER:
                 base = resolve_path(module, f"{paths.layers}.0")
                 if base is None:
                     continue  # reported under "layers"
@@ -312,7 +329,10 @@ def mapping_error_message(model_type: str, class_name: str, problems: list[str])
         f"{lines}\n"
         f"Pass the module paths yourself, e.g. StandardizedTransformer(name, paths=ModulePaths("
         f"layers='model.layers', attention='self_attn', mlp='mlp', embeddings='model.embed_tokens', "
-        f"final_norm='model.norm', lm_head='lm_head')), with the names printed by print(model)."
+        f"final_norm='model.norm', lm_head='lm_head')), with the names printed by print(model); "
+        f"where the layer applies a norm to what the attention or MLP returns before adding it, name "
+        f"that norm too (attention_output='post_attention_layernorm', mlp_output=...). If the sites are "
+        f"right and a check is wrong for this model, load it with check=False (HF)."
     )
 
 

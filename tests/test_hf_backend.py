@@ -47,8 +47,11 @@ def _plain_reference(path, prompt: str):
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(hook(("layers", i))))
-        handles.append(resolve_path(layer, paths.attention).register_forward_hook(hook(("attentions", i))))
-        handles.append(resolve_path(layer, paths.mlp).register_forward_hook(hook(("mlps", i))))
+        # what the attention and the MLP add to the residual stream: their modules' outputs,
+        # or the norms applied after them (Gemma 2 and 3)
+        handles.append(resolve_path(layer, paths.attention_output or paths.attention)
+                       .register_forward_hook(hook(("attentions", i))))
+        handles.append(resolve_path(layer, paths.mlp_output or paths.mlp).register_forward_hook(hook(("mlps", i))))
     with torch.no_grad():
         captured["logits"] = model(**tokenizer(prompt, return_tensors="pt")).logits
     for handle in handles:

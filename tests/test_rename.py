@@ -50,15 +50,19 @@ def test_vllms_own_gpt_neox_calls_its_unembedding_embed_out():
 
 
 def test_vllms_gemma2_unembeds_with_its_embeddings_and_scales_them_outside():
-    tree = _tree({"model": {"embed_tokens": None, "layers": [{"self_attn": None, "mlp": None}], "norm": None,
-                            "normalizer": 8.0}, "logits_processor": None})
+    tree = _tree({"model": {"embed_tokens": None, "layers": [{"self_attn": None, "mlp": None,
+                                                                "post_attention_layernorm": None,
+                                                                "post_feedforward_layernorm": None}],
+                            "norm": None, "normalizer": 8.0}, "logits_processor": None})
     paths = paths_for("gemma2", tree)
     assert (paths.lm_head, paths.embeddings_multiplier) == ("model.embed_tokens", "model.normalizer")
     assert paths.layers == "model.layers"
 
 
 def test_hugging_faces_gemma_scales_inside_the_module_so_nothing_is_added():
-    tree = _tree({"model": {"embed_tokens": {"embed_scale": 8.0}, "layers": [{"self_attn": None, "mlp": None}],
+    tree = _tree({"model": {"embed_tokens": {"embed_scale": 8.0},
+                            "layers": [{"self_attn": None, "mlp": None, "post_attention_layernorm": None,
+                                        "post_feedforward_layernorm": None}],
                             "norm": None}, "lm_head": None})
     assert paths_for("gemma2", tree) == KNOWN_ARCHITECTURES["gemma2"]
 
