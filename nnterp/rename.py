@@ -230,6 +230,8 @@ def paths_for(model_type: str, module) -> ModulePaths | None:
         ...         self.embed_tokens = torch.nn.Embedding(10, 4)
         ...         self.layers = torch.nn.ModuleList([torch.nn.Module()])
         ...         self.layers[0].self_attn, self.layers[0].mlp = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        ...         self.layers[0].post_attention_layernorm = torch.nn.LayerNorm(4)  # what the layer adds
+        ...         self.layers[0].post_feedforward_layernorm = torch.nn.LayerNorm(4)
         ...         self.norm = torch.nn.LayerNorm(4)
         ...         self.register_buffer("normalizer", torch.tensor(2.0))
         >>> root = torch.nn.Module()

@@ -112,3 +112,35 @@ def test_a_seed_makes_the_run_reproducible_and_copies_of_a_prompt_still_differ(b
     assert len({tuple(t) for t in first}) == 4, first  # four copies, four samples
     assert first != other
 
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def test_patching_from_another_prompt_aligns_positions_one_to_one(backend, hf_models, vllm_models):
+    from nnterp.dsl import Patch, Read, Source, ValidationError, run
+
+    model = _models(hf_models, vllm_models, backend)
+    prompt, other = "The capital of France is", "The capital of Italy is"
+    n = len(model.tokenizer(prompt)["input_ids"])
+    assert n == len(model.tokenizer(other)["input_ids"])
+    site = "layers[0].output"
+    clean = run(Read(site, positions=None), model, prompt)[site][0]
+    source = run(Read(site, positions=None), model, other)[site][0]
+    span = run(Patch(site, source=Source(other, position=[1, 2, 3]), positions=[1, 2, 3])
+               >> Read(site, positions=None, name="after"), model, prompt)["after"][0]
+    torch.testing.assert_close(span[1:4], source[1:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(span[[0] + list(range(4, n))], clean[[0] + list(range(4, n))], atol=1e-5, rtol=0)
+    # reversed lists pair in order: the source's token 3 goes to position 1
+    swapped = run(Patch(site, source=Source(other, position=[3, 1]), positions=[1, 3])
+                  >> Read(site, positions=None, name="after"), model, prompt)["after"][0]
+    torch.testing.assert_close(swapped[1], source[3], atol=1e-5, rtol=0)
+    every = run(Patch(site, source=Source(other, position=None), positions=None)
+                >> Read(site, positions=None, name="after"), model, prompt)["after"][0]
+    torch.testing.assert_close(every, source, atol=1e-5, rtol=0)
+    # the forms with no single meaning are refused before anything runs
+    for graph, match in ((Patch(site, source=Source(other), positions=None), "every position"),
+                         (Patch(site, source=Source(other, position=[1, 2]), positions=[1, 2, 3]), "takes 2 tokens"),
+                         (Patch(site, source=Source(other, position=None), positions=-1), "names only some")):
+        with pytest.raises(ValidationError, match=match):
+            run(graph, model, prompt)
+    with pytest.raises(ValidationError, match="the source prompt has"):
+        run(Patch(site, source=Source(other, position=None), positions=None), model, "Hello")

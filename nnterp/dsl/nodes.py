@@ -219,19 +219,33 @@ class Zero(Node):
 class Source:
     """Where a `Patch` takes its replacement from: another prompt's activation.
 
+    How its positions meet the `Patch`'s (checked by validation):
+
+    * one position (an int) and the patch's ``positions`` an int or a list: that one
+      token's activation is written at each patched position;
+    * a list of positions and a list of the same length: token by token, in order (the
+      usual activation patching of a span);
+    * ``position=None`` and ``positions=None``: every token, one to one (the prompts must
+      have the source's length);
+    * anything else (one source token written at every position, lists of different
+      lengths) is refused, since it has no single meaning.
+
     Args:
         prompt: the other prompt, run through the same model.
         site: the site to read there; None means the patched site itself.
-        position: the one token position of ``prompt`` to take.
+        position: the token position(s) of ``prompt`` to take: an int, a list, or None
+            for every token.
 
     Example:
         >>> Source("The capital of France is", position=-1)
         Source('The capital of France is')
+        >>> Source("The capital of France is", position=[3, 4]).position
+        (3, 4)
     """
 
     prompt: str = field(_text)
     site: Site | None = field(optional(_site), default=None)
-    position: int = field(_position, default=-1)
+    position: Positions = field(_positions, default=-1)
 
     def __repr__(self) -> str:
         return code_repr(self)

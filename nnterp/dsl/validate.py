@@ -479,13 +479,58 @@ def _check_source_position(node: Patch, ctx: _Context) -> Iterator[Problem]:
     if ctx.run is None or node.source is None:
         return
     n = dict(ctx.run.source_lengths).get(node.source.prompt)
-    p = node.source.position
-    if n is not None and not -n <= p < n:
+    if n is None:
+        return
+    wanted = node.source.position
+    outside = [p for p in ((wanted,) if isinstance(wanted, int) else wanted or ()) if not -n <= p < n]
+    if outside:
         yield ctx.problem(
-            f"source position {p} is outside the source prompt {node.source.prompt!r:.60} "
-            f"({n} tokens)",
-            f"use a position in {-n} .. {n - 1} (e.g. -1, its last token)",
+            f"source position{'s' if len(outside) > 1 else ''} {', '.join(map(str, outside))} "
+            f"{'are' if len(outside) > 1 else 'is'} outside the source prompt {node.source.prompt!r:.60} ({n} tokens)",
+            f"use positions in {-n} .. {n - 1} (e.g. -1, its last token)",
             "source.position",
+        )
+    if wanted is None and node.positions is None:
+        differ = sorted({length for length in ctx.run.prompt_lengths if length != n})
+        if differ:
+            yield ctx.problem(
+                f"Source(position=None) patches every token one to one, but the source prompt has {n} "
+                f"tokens and the prompts have {differ}",
+                "give prompts of the source's length, or name the positions on both sides "
+                "(Source(position=[...]) and positions=[...] of the same length)",
+                "source.position",
+            )
+
+
+@rule(Patch)
+def _check_source_alignment(node: Patch, ctx: _Context) -> Iterator[Problem]:
+    """How the source's positions meet the patch's: see `nnterp.dsl.nodes.Source`."""
+    if node.source is None:
+        return
+    source, target = node.source.position, node.positions
+    if isinstance(source, int) and target is None:
+        yield ctx.problem(
+            "positions=None with Source(position=...) of one token would write that one token's activation at "
+            "every position of the prompt",
+            "patch one token (positions=-1, the default), or patch token by token: Source(position=[...]) "
+            "with positions=[...] of the same length, or Source(position=None) with positions=None",
+            "positions",
+        )
+    elif source is None and target is not None:
+        yield ctx.problem(
+            f"Source(position=None) takes every token of the source prompt, but positions={target!r} "
+            "names only some",
+            "give positions=None to patch every token one to one, or name the source's positions",
+            "source.position",
+        )
+    elif isinstance(source, tuple) and (target is None or isinstance(target, int)
+                                        or len(target) != len(source)):
+        names = "every token" if target is None else f"{1 if isinstance(target, int) else len(target)} position(s)"
+        yield ctx.problem(
+            f"Source(position={list(source)}) takes {len(source)} tokens, one for each patched position, but "
+            f"positions={target!r} names {names}",
+            f"give positions a list of {len(source)} positions, in the order the source's are listed",
+            "positions",
         )
 
 

@@ -281,7 +281,7 @@ def test_defaults_match_the_contract():
         (lambda: Patch("logits", source="other prompt"), TypeError, "Patch(source=...)"),
         (lambda: Source(""), ValueError, "Source(prompt=...)"),
         (lambda: Source(["a"]), TypeError, "Source(prompt=...)"),
-        (lambda: Source("p", position=None), TypeError, "Source(position=...)"),
+        (lambda: Source("p", position=1.5), TypeError, "Source(position=...)"),
         (lambda: Source("p", site="nope"), ValueError, "Source(site=...)"),
         (lambda: Steer(True, [1.0]), TypeError, "Steer(layer=...)"),
         (lambda: Steer(1.0, [1.0]), TypeError, "Steer(layer=...)"),

@@ -263,7 +263,7 @@ MALFORMED = [
     (_doc({"op": "patch", "site": "logits", "source": "p"}), [("$.graph[0].source", "must be an object")]),
     (_doc({"op": "patch", "site": "logits", "source": {}}), [("$.graph[0].source", "missing required field 'prompt'")]),
     (_doc({"op": "patch", "site": "logits", "source": {"prompt": ""}}), [("$.graph[0].source.prompt", "empty")]),
-    (_doc({"op": "patch", "site": "logits", "source": {"prompt": "p", "site": "x", "position": None, "pos": 1}}), [("$.graph[0].source.pos", "unknown field"), ("$.graph[0].source.site", "malformed site"), ("$.graph[0].source.position", "integer")]),
+    (_doc({"op": "patch", "site": "logits", "source": {"prompt": "p", "site": "x", "position": 1.5, "pos": 1}}), [("$.graph[0].source.pos", "unknown field"), ("$.graph[0].source.site", "malformed site"), ("$.graph[0].source.position", "integer")]),
     (_doc({"op": "read", "site": "logits", "a b": 1}), [('$.graph[0]["a b"]', "unknown field")]),
     ("[" * 100_000 + "]" * 100_000, [("$", "nested too deeply")]),
     ('{"nnterp_dsl": 1, "graph": [' * 50_000, [("$", "")]),

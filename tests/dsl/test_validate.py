@@ -147,7 +147,8 @@ def test_valid_graphs_have_no_problems(backend_spec):
         >> Zero("mlps[-1].output", positions=[0, 1])
         >> Patch("logits", value=torch.zeros(1, 100))  # one row per position
         >> Patch("layers[1].output", source=Source("p", site="attentions[2].output"))
-        >> Patch("layers[1].output", source=Source("p"), positions=None)
+        >> Patch("layers[1].output", source=Source("p", position=None), positions=None)
+        >> Patch("layers[1].output", source=Source("p", position=[0, 2]), positions=[1, 3])
         >> Steer(-1, torch.ones(8), scale=3, positions=None)
         >> Lens(layers=[0, -1], top_k=100, steps=[1, 2])
         >> Lens(layers=all, name="lens_all")
