@@ -1,4 +1,5 @@
-"""The command line: ``python -m nnterp demo|run|validate`` (also the ``nnterp`` script).
+"""The command line: ``python -m nnterp demo|lens|steer|run|validate`` (also the ``nnterp``
+script).
 
 Every command turns bad input into one line on stderr and a non-zero exit: a
 researcher mistyping a path should read what is wrong, not a traceback. Unexpected
@@ -140,16 +141,54 @@ def _run(args: argparse.Namespace) -> int:
     from nnterp.dsl import Sampling, run, validate
     from nnterp.errors import NnterpError, ValidationError
 
+    from nnterp.dsl import Lens
+
     graph = _load_graph(args.graph)
-    if not args.prompt:
+    _check_prompts(args.prompt)
+    if args.plot and not any(isinstance(node, Lens) for node in graph):
+        raise CommandError("--plot draws a logit lens, and this graph has no Lens node")
+    sampling = _sampling(args)
+    model, result = _load_and_run(args, graph, args.prompt, sampling)
+    for row, (prompt, text) in enumerate(zip(args.prompt, result.texts)):
+        print(f"{prompt!r} -> {text!r}")
+        for name in result.keys():
+            print(f"  {name}: {_describe(result[name])}")
+            node = graph[_node_named(graph, name)]
+            if isinstance(node, Lens):
+                print(_lens_table(result[name], row, model.tokenizer, _lens_layers(node, model.num_layers),
+                                  indent="    "))
+    if args.out:
+        result.save(args.out)
+        print(f"saved to {args.out}/manifest.json and {args.out}/tensors.safetensors")
+    if args.plot:
+        _plot(result, model.tokenizer, args)
+    return 0
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    if not prompts:
         raise CommandError("give at least one --prompt")
-    empty = [i for i, prompt in enumerate(args.prompt) if not prompt]
+    empty = [i for i, prompt in enumerate(prompts) if not prompt]
     if empty:
         raise CommandError(f"--prompt number {empty[0] + 1} is empty: give some text to run")
+
+
+def _sampling(args: argparse.Namespace):
+    from nnterp.dsl import Sampling
+
     try:
-        sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature)
+        return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except ValueError as err:
         raise CommandError(str(err)) from None
+
+
+def _load_and_run(args: argparse.Namespace, graph, prompts: list[str], sampling):
+    """Validate ``graph`` against the model's configuration (fast, before any weight is
+    read), load the model `run` would load, and run: ``(model, result)``."""
+    from nnterp.dsl import run, validate
+    from nnterp.dsl.run import model_for
+    from nnterp.errors import NnterpError, ValidationError
+
     try:
         validate(graph, args.model, backend=args.backend)  # from the configuration: fails fast
     except ValidationError as err:
@@ -157,28 +196,103 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise _model_error(args.model, err) from None
     _progress(args, f"loading {args.model!r} on the {args.backend} backend")
-    from nnterp.dsl.run import model_for
-
     try:
         # the model `run` itself would load for this graph; it stays loaded (and its
         # engine up) until the process ends
         model = model_for(args.model, backend=args.backend, graph=graph)
     except (OSError, NnterpError, ValueError) as err:
         raise _model_error(args.model, err) from None
-    _progress(args, f"running {len(graph)} nodes on {len(args.prompt)} prompt(s), {args.max_tokens} token(s)")
+    _progress(args, f"running {len(graph)} nodes on {len(prompts)} prompt(s), {sampling.max_tokens} token(s)")
     try:
-        result = run(graph, model, args.prompt, sampling=sampling)
+        return model, run(graph, model, prompts, sampling=sampling)
     except (ValidationError, IndexError, ValueError) as err:
         raise CommandError(_one_line(err)) from None
-    for prompt, text in zip(args.prompt, result.texts):
-        print(f"{prompt!r} -> {text!r}")
-    for name in result.keys():
-        print(f"  {name}: {_describe(result[name])}")
-    if args.out:
-        result.save(args.out)
-        print(f"saved to {args.out}/manifest.json and {args.out}/tensors.safetensors")
+
+
+def _node_named(graph, name: str) -> int:
+    return next(i for i, node in enumerate(graph) if node.output_name == name)
+
+
+def _lens_layers(node, num_layers: int) -> list[int]:
+    """The layers a `Lens` node reads, as indices from 0."""
+    layers = node.layers
+    chosen = range(num_layers) if layers is None or layers == "all" or layers is all else \
+        ([layers] if isinstance(layers, int) else layers)
+    return [layer % num_layers for layer in chosen]
+
+
+def _lens_table(value, row: int, tokenizer, layers: list[int], indent: str = "") -> str:
+    """One prompt's lens as text: a line per layer, its top tokens and probabilities (the
+    first position read, the prompt pass)."""
+    import torch
+
+    if isinstance(value, tuple):
+        probs, ids = value[0][row], value[1][row]
+    else:
+        probs, ids = torch.topk(value[row].float(), k=min(5, value.shape[-1]), dim=-1)
+    if isinstance(probs, list) or probs.dim() != 2:
+        return f"{indent}(a lens over several positions or steps: see --out)"
+    lines = []
+    for layer, p, i in zip(layers, probs.tolist(), ids.tolist()):
+        tops = "  ".join(f"{tokenizer.decode([t])!r} {q:.3f}" for t, q in zip(i, p))
+        lines.append(f"{indent}{layer:>3}  {tops}")
+    return "\n".join(lines)
+
+
+def _lens(args: argparse.Namespace) -> int:
+    """``nnterp lens MODEL --prompt P``: the logit lens of the last token, a table of the top
+    tokens per layer, and a heatmap with ``--plot``."""
+    from nnterp.dsl import Graph, Lens, Sampling
+
+    _check_prompts(args.prompt)
+    layers = "all" if args.layers is None else _layer_list(args.layers)
+    graph = Graph([Lens(layers=layers, top_k=args.top_k)])
+    model, result = _load_and_run(args, graph, args.prompt, Sampling())
+    for row, prompt in enumerate(args.prompt):
+        print(f"{prompt!r}: top {args.top_k} next tokens by layer (logit lens, last position)")
+        print(_lens_table(result["lens"], row, model.tokenizer, _lens_layers(graph[0], model.num_layers), "  "))
     if args.plot:
         _plot(result, model.tokenizer, args)
+    return 0
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise CommandError(f"--layers takes layer indices like '0,5,-1', got {text!r}") from None
+
+
+def _steer(args: argparse.Namespace) -> int:
+    """``nnterp steer MODEL --prompt P --layer L (--vector FILE.pt | --token WORD) --scale S``:
+    the unsteered and the steered continuations, side by side."""
+    import torch
+
+    from nnterp.dsl import Graph, Read, Steer
+
+    _check_prompts(args.prompt)
+    sampling = _sampling(args)
+    plain_graph = Graph([Read(f"layers[{args.layer}].output", name="plain")])
+    model, plain = _load_and_run(args, plain_graph, args.prompt, sampling)
+    if args.vector is not None:
+        try:
+            vector = torch.load(args.vector, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise CommandError(f"cannot read a tensor from {args.vector!r}: {_one_line(err)}") from None
+        if not isinstance(vector, torch.Tensor):
+            raise CommandError(f"{args.vector!r} holds a {type(vector).__name__}, not a tensor")
+    else:
+        ids = model.tokenizer(args.token, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise CommandError(f"--token {args.token!r} has no tokens")
+        vector = model.weight("unembedding")[ids[0]].float()
+        vector = vector / vector.norm()  # a unit direction towards the token
+    _, steered = _load_and_run(args, Graph([Steer(args.layer, vector.flatten(), scale=args.scale)]),
+                               args.prompt, sampling)
+    for prompt, before, after in zip(args.prompt, plain.texts, steered.texts):
+        print(f"{prompt!r}")
+        print(f"  unsteered: {before!r}")
+        print(f"  steered:   {after!r}  (layer {args.layer}, scale {args.scale:g})")
     return 0
 
 
@@ -216,8 +330,18 @@ def _verbose_flag(command: argparse.ArgumentParser) -> None:
                               "the libraries (vLLM, torch, transformers)")
 
 
+def _sampling_flags(command: argparse.ArgumentParser, max_tokens: int) -> None:
+    command.add_argument("--max-tokens", type=int, default=max_tokens)
+    command.add_argument("--temperature", type=float, default=0.0)
+    command.add_argument("--top-p", type=float, default=1.0)
+    command.add_argument("--seed", type=int, default=None, help="makes a sampled run reproducible")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from nnterp import __version__
+
     parser = argparse.ArgumentParser(prog="nnterp", description="Standardized interpretability on nnsight.")
+    parser.add_argument("--version", action="version", version=f"nnterp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a lens + steer graph on the bundled model, on both backends")
     demo.add_argument("--backend", choices=("hf", "vllm", "both"), default="both")
@@ -226,13 +350,35 @@ def _parser() -> argparse.ArgumentParser:
     _verbose_flag(demo)
     demo.set_defaults(handler=_demo)
 
+    lens = commands.add_parser("lens", help="the logit lens of a prompt's last token, layer by layer")
+    lens.add_argument("model", nargs="?", default="bundled", help="a model folder, hub name or 'bundled'")
+    lens.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    lens.add_argument("--layers", help="layer indices, e.g. '0,10,-1' (default: all)")
+    lens.add_argument("--top-k", type=int, default=5)
+    lens.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    lens.add_argument("--plot", help="PNG file for a heatmap of the lens (first prompt)")
+    _verbose_flag(lens)
+    lens.set_defaults(handler=_lens)
+
+    steer = commands.add_parser("steer", help="a continuation with and without a steering vector")
+    steer.add_argument("model", nargs="?", default="bundled", help="a model folder, hub name or 'bundled'")
+    steer.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    steer.add_argument("--layer", type=int, required=True)
+    direction = steer.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--vector", help="a .pt file holding a [hidden] tensor")
+    direction.add_argument("--token", help="steer towards this token's unembedding direction (unit norm)")
+    steer.add_argument("--scale", type=float, default=8.0)
+    steer.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    _sampling_flags(steer, max_tokens=10)
+    _verbose_flag(steer)
+    steer.set_defaults(handler=_steer)
+
     run = commands.add_parser("run", help="run a graph (JSON) on prompts")
     run.add_argument("graph", help="a graph document (.json)")
     run.add_argument("--model", default="bundled")
     run.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     run.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    run.add_argument("--max-tokens", type=int, default=1)
-    run.add_argument("--temperature", type=float, default=0.0)
+    _sampling_flags(run, max_tokens=1)
     run.add_argument("--out", help="folder to save the manifest and tensors in")
     run.add_argument("--plot", help="PNG file for a heatmap of the graph's logit lens (first prompt)")
     _verbose_flag(run)

@@ -123,3 +123,44 @@ def test_bad_input_is_one_line_and_no_traceback(tmp_path, nnterp_cli):
                  ("demo", "--prompt", "")):
         status, _, err = nnterp_cli(*args)
         _assert_one_line_error(status, err)
+
+
+def test_lens_prints_the_top_tokens_of_each_layer(nnterp_cli):
+    status, out, err = nnterp_cli("lens", "--prompt", "The capital of France is", "--layers", "0,-1", "--top-k", "3")
+    assert status == 0 and err == "", err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("'The capital of France is': top 3")
+    assert lines[1].split()[0] == "0" and lines[2].split()[0] == "29"
+    assert lines[2].lstrip().startswith("29  ' Paris'")  # the last layer's first choice
+
+
+def test_steer_prints_both_continuations(nnterp_cli, tmp_path):
+    import torch
+
+    status, out, err = nnterp_cli("steer", "--prompt", "The capital of France is", "--layer", "25", "--token", " London",
+                                  "--scale", "90", "--max-tokens", "6")
+    assert status == 0 and err == "", err
+    assert "unsteered: ' Paris" in out and "steered:   ' London" in out
+    vector = tmp_path / "zero.pt"
+    torch.save(torch.zeros(576), vector)
+    status, out, _ = nnterp_cli("steer", "--prompt", "The capital of France is", "--layer", "3", "--vector", vector,
+                                "--max-tokens", "3")
+    unsteered, steered = (line.split(":", 1)[1].split("(layer")[0].strip() for line in out.splitlines()[1:3])
+    assert status == 0 and unsteered == steered  # a zero vector changes nothing
+
+
+def test_sampling_flags_a_version_and_a_plot_refused_before_loading(nnterp_cli, tmp_path):
+    import nnterp
+
+    read = tmp_path / "read.json"
+    read.write_text('{"nnterp_dsl": 1, "graph": [{"op": "read", "site": "layers[0].output"}]}')
+    # no Lens: refused before the (missing) model is looked at
+    status, _, err = nnterp_cli("run", read, "--prompt", "x", "--plot", tmp_path / "x.png", "--model", tmp_path / "no")
+    _assert_one_line_error(status, err)
+    assert "no Lens node" in err
+    runs = [nnterp_cli("run", read, "--prompt", "Hi", "--max-tokens", "4", "--temperature", "1.0", "--top-p", "0.9",
+                       "--seed", str(seed)) for seed in (7, 7)]
+    assert runs[0][0] == 0 and runs[0][1] == runs[1][1]
+    with pytest.raises(SystemExit) as exited:
+        nnterp_cli("--version")
+    assert exited.value.code == 0
