@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nnterp.errors import BundledModelError, ModelNotFoundError
 
-__all__ = ["BUNDLED_NAME", "bundled_model_path", "resolve_model_name", "find_model", "cache_dir"]
+__all__ = ["BUNDLED_NAME", "bundled_model_path", "resolve_model_name", "find_model", "find_loadable", "cache_dir"]
 
 #: The model name that means "the bundled model" wherever a name is accepted.
 BUNDLED_NAME = "bundled"
@@ -129,6 +129,52 @@ def find_model(name_or_path: str | os.PathLike) -> str:
             f"{BUNDLED_NAME!r} for the bundled model"
         )
     return name
+
+
+def find_loadable(name_or_path: str | os.PathLike) -> str:
+    """`find_model`, and for a hub id with no local copy, a check that the hub answers:
+    what every load goes through, so an offline machine is told at once."""
+    name = find_model(name_or_path)
+    if not os.path.isdir(name):
+        _check_hub_reachable(name)
+    return name
+
+
+#: seconds to wait for the hub before saying it cannot be reached
+_HUB_TIMEOUT_S = 3.0
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Refuse at once a hub id with no local copy when the hub cannot be reached.
+
+    Without this, transformers retries the download for about 25 s before failing, and
+    says only that it could not connect. A copy in the Hugging Face cache is used as is;
+    with ``HF_HUB_OFFLINE`` set nothing is tried; otherwise one request of at most
+    `_HUB_TIMEOUT_S` seconds tells whether the hub answers.
+    """
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # transformers needs huggingface_hub; nothing to check without it
+        return
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return
+    where = f"{name!r} is not a local folder and has no copy in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{where}, and the hub is off (HF_HUB_OFFLINE is set); download it "
+                                 f"where the hub can be reached, or pass a local folder or {BUNDLED_NAME!r}")
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=_HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ModelNotFoundError(f"{where}, and the hub at {endpoint} cannot be reached ({reason}); connect, "
+                                 f"or pass a local folder or {BUNDLED_NAME!r}") from None
 
 
 def _nearest_existing(path: str) -> str:

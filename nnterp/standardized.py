@@ -22,7 +22,7 @@ import torch
 
 from nnterp.backends import Backend, open_backend
 from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, VLLM
-from nnterp.bundled import find_model, resolve_model_name
+from nnterp.bundled import find_loadable, resolve_model_name
 from nnterp.rename import ModulePaths
 from nnterp.sites import SiteKind
 
@@ -99,7 +99,7 @@ class StandardizedTransformer:
         backend = _choose_backend(backend, use_vllm)
         self.name_or_path = os.fspath(name_or_path)
         self._backend: Backend = open_backend(
-            backend, find_model(name_or_path), paths=paths,
+            backend, find_loadable(name_or_path), paths=paths,
             enable_attention_probs=enable_attention_probs, **kwargs)
         self.layers_input = _LayerAccessor(self, SiteKind.LAYERS_INPUT)
         self.layers_output = _LayerAccessor(self, SiteKind.LAYERS_OUTPUT)

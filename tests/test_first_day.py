@@ -144,3 +144,25 @@ def test_patching_from_another_prompt_aligns_positions_one_to_one(backend, hf_mo
             run(graph, model, prompt)
     with pytest.raises(ValidationError, match="the source prompt has"):
         run(Patch(site, source=Source(other, position=None), positions=None), model, "Hello")
+
+
+def test_a_hub_id_with_no_local_copy_and_no_hub_fails_at_once_naming_both(monkeypatch, tmp_path):
+    import time
+
+    from nnterp import StandardizedTransformer
+    from nnterp.errors import ModelNotFoundError
+
+    # the hub at a closed port on this machine: the request is refused at once, and no
+    # traffic leaves the machine
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as caught:
+        StandardizedTransformer("nnterp-tests/no-such-model")
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "no copy in the Hugging Face cache" in message and "cannot be reached" in message
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        StandardizedTransformer("nnterp-tests/no-such-model")

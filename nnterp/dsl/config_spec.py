@@ -35,9 +35,9 @@ def spec_for_name(name: str | os.PathLike, backend: str) -> ModelSpec:
     """
     from transformers import AutoConfig
 
-    from nnterp.bundled import find_model
+    from nnterp.bundled import find_loadable
 
-    config = AutoConfig.from_pretrained(find_model(name))
+    config = AutoConfig.from_pretrained(find_loadable(name))
     probs = SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites
     return ModelSpec.from_config(config, backend, attention_probs_enabled=probs)
 
@@ -46,6 +46,6 @@ def tokenizer_for_name(name: str | os.PathLike) -> Any:
     """``name``'s tokenizer (to count a run's prompt tokens before loading weights)."""
     from transformers import AutoTokenizer
 
-    from nnterp.bundled import find_model
+    from nnterp.bundled import find_loadable
 
-    return AutoTokenizer.from_pretrained(find_model(name))
+    return AutoTokenizer.from_pretrained(find_loadable(name))
