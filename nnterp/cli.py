@@ -15,41 +15,15 @@ does: importing nnterp configures no logging.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from typing import Sequence
+
+from nnterp.quiet import QUIET_ENV, quiet_libraries  # noqa: F401 (QUIET_ENV: documented here)
 
 __all__ = ["main"]
 
 DEMO_PROMPT = "The capital of France is"
-
-#: Environment variable -> value that silences one source of stderr noise, read by the
-#: library itself in this process and in the vLLM engine's processes, which inherit the
-#: environment. A variable the user has set is left as it is.
-QUIET_ENV = {
-    # vLLM's own log lines (engine start-up, weights, KV cache), in every process, once
-    # vLLM has configured its logging
-    "VLLM_LOGGING_LEVEL": "ERROR",
-    # torch's Python loggers: "Triton not available" when vLLM registers its kernels
-    "TORCH_LOGS": "-torch",
-    # warnings printed by C++ code through c10: the engine's "NUMA binding" notice
-    "TORCH_CPP_LOG_LEVEL": "ERROR",
-    # tqdm bars, which tqdm reads when first imported: vLLM's "Loading safetensors
-    # checkpoint shards", "Rendering prompts" and "Processed prompts". Not TQDM_DISABLE:
-    # vLLM passes ``disable=`` itself for the first, and divides by a bar's elapsed time,
-    # which a disabled bar leaves at 0 (ZeroDivisionError in LLM.generate, vLLM 0.32). A
-    # bar that waits forever before it first draws measures time but never draws.
-    "TQDM_DELAY": "inf",
-    # transformers' "Loading weights" bar (read through huggingface_hub) and its warnings
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    # a deprecation raised inside vLLM's kernel dispatcher (-W syntax; a comma would
-    # split the filter, so the message is matched up to its first comma)
-    "PYTHONWARNINGS": "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",
-}
-
 
 class CommandError(Exception):
     """A user-facing failure of a command: printed as one line, exit status 2."""
@@ -68,36 +42,6 @@ def _demo(args: argparse.Namespace) -> int:
 def _progress(args: argparse.Namespace, message: str) -> None:
     if args.verbose:
         print(f"nnterp: {message}", file=sys.stderr, flush=True)
-
-
-def _quiet_libraries() -> None:
-    """Silence the libraries a command loads (see `QUIET_ENV`).
-
-    Some sources need more than the environment. ``PYTHONWARNINGS`` is read only when an
-    interpreter starts, so this process gets the same filter directly. vLLM warns through
-    the ``vllm`` logger while it builds an engine's configuration, before it applies
-    ``VLLM_LOGGING_LEVEL`` ("Triton is not installed", "Reset SSM cache type"), when
-    Python's last-resort handler would print them. And transformers reads its settings
-    when imported, which has already happened when `main` is called from Python.
-    """
-    for name, value in QUIET_ENV.items():
-        os.environ.setdefault(name, value)
-
-    def ours(name: str) -> bool:
-        return os.environ[name] == QUIET_ENV[name]
-
-    if ours("PYTHONWARNINGS"):
-        warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated",
-                                category=FutureWarning)
-    if ours("VLLM_LOGGING_LEVEL"):
-        logging.getLogger("vllm").setLevel(logging.ERROR)
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        if ours("HF_HUB_DISABLE_PROGRESS_BARS"):
-            hf_logging.disable_progress_bar()
-        if ours("TRANSFORMERS_VERBOSITY"):
-            hf_logging.set_verbosity_error()
 
 
 def _load_graph(path: str):
@@ -398,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # tokenizers warns when the process forks after using its thread pool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.verbose:
-        _quiet_libraries()  # before the libraries are imported: some read it only then
+        quiet_libraries()  # before the libraries are imported: some read it only then
     try:
         return args.handler(args)
     except CommandError as err:

@@ -61,8 +61,14 @@ def run_demo(backends: tuple[str, ...] = ("hf", "vllm"), prompt: str = "The capi
     results = {}
     tokenizer = None
     for backend in backends:
+        # said before the wait: a vLLM engine takes 15 s to start on a CPU, minutes on a
+        # fresh GPU host (kernels are compiled on first use)
+        wait = "starting a vLLM engine (15 s on a CPU; minutes on a fresh GPU host)" if backend == "vllm" \
+            else "loading it with transformers"
+        print(f"[{backend}] SmolLM2-135M-Instruct: {wait} ...", file=out, flush=True)
         # the same dtype on both backends, so their tables agree to float32 rounding
         with StandardizedTransformer("bundled", backend=backend, dtype="float32") as model:
+            print(f"[{backend}] running the lens and the steered generation", file=out, flush=True)
             tokenizer = model.tokenizer
             lens, steered_graph = demo_graphs(tokenizer)
             results[backend] = (run(lens, model, prompt, sampling=sampling),

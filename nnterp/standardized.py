@@ -73,6 +73,9 @@ class StandardizedTransformer:
         enable_attention_probs: HF only: load with eager attention so
             ``attention_probabilities[i]`` can be read and written.
         paths: a `ModulePaths` for an architecture nnterp does not map itself.
+        quiet: silence the libraries' log lines and progress bars (vLLM's engine start-up,
+            about 50 lines and a loading bar; transformers' bars), as the command line does;
+            errors still show (`nnterp.quiet`).
         **kwargs: passed to the backend: ``from_pretrained`` for HF, the engine for vLLM
             (``dtype``, ``max_model_len``, ``tensor_parallel_size``, ...). vLLM also takes
             ``cuda_graphs=True`` (or a list of site names): replay CUDA graphs, serving

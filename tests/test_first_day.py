@@ -166,3 +166,16 @@ def test_a_hub_id_with_no_local_copy_and_no_hub_fails_at_once_naming_both(monkey
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         StandardizedTransformer("nnterp-tests/no-such-model")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_quiet_engine_prints_no_log_lines_and_still_answers(vllm_models, capfd):
+    capfd.readouterr()
+    model = vllm_models("llama", quiet=True)  # an engine of its own, started here
+    with model.trace(PROMPT):
+        probs = model.next_token_probs.save()
+    out, err = capfd.readouterr()
+    noise = [line for line in (out + err).splitlines() if " INFO " in line or " WARNING " in line]
+    assert noise == [], noise[:5]
+    assert torch.isfinite(probs).all()

@@ -59,9 +59,16 @@ class HFBackend(Backend):
         paths: ModulePaths | None = None,
         enable_attention_probs: bool = False,
         check: bool = True,
+        quiet: bool = False,
         **kwargs: Any,
     ) -> None:
         from nnsight.modeling.transformers import TransformersModel
+
+        if quiet:  # transformers' loading bar and warnings (`nnterp.quiet`)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
 
         if enable_attention_probs:
             requested = kwargs.get("attn_implementation")

@@ -182,7 +182,8 @@ class VLLMBackend(Backend):
     limits = VLLM_LIMITS
 
     def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
-                 dsl_executor: str = "batched", nvlink_multicast: bool = True, **kwargs: Any) -> None:
+                 dsl_executor: str = "batched", nvlink_multicast: bool = True, quiet: bool = False,
+                 **kwargs: Any) -> None:
         # nnsight refuses vLLM's V2 model runner; make the default explicit so a user's
         # environment cannot pick it.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -217,6 +218,14 @@ class VLLMBackend(Backend):
         engine_cls = __getattr__("NnterpVLLM")
         cpu = vllm_cpu.is_cpu_only()
         environment = float32_engine_environment(kwargs.get("dtype"), cpu)
+        if quiet:
+            # vLLM's log lines and bars, in this process and in the engine's, which inherit
+            # the environment while they start (`nnterp.quiet`)
+            from nnterp.quiet import quiet_environment, quiet_libraries
+
+            environment.update(quiet_environment())
+            with engine_environment(environment):
+                quiet_libraries()
         if not nvlink_multicast and not cpu:
             kwargs, no_multicast = without_multicast(kwargs)
             environment.update(no_multicast)
@@ -224,7 +233,8 @@ class VLLMBackend(Backend):
             raise BackendUnsupportedError(
                 "cuda_graphs needs a GPU: vLLM's CPU backend runs eagerly (every site is served "
                 "there anyway); leave cuda_graphs out")
-        with _classes_unchanged(_hf_model_classes(name_or_path, kwargs.get("trust_remote_code", False))):
+        with _classes_unchanged(_hf_model_classes(name_or_path, kwargs.get("trust_remote_code", False))), \
+                engine_environment(environment if quiet else {}):
             if cpu:
                 if "max_model_len" not in kwargs:
                     kwargs["max_model_len"] = _cpu_max_model_len(name_or_path)
