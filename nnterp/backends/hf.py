@@ -396,11 +396,12 @@ def _meaning_problems(values: dict, logits: Any, project: Any, num_layers: int) 
     tolerance = 1e-4 if torch.finfo(dtype).bits >= 32 else 2e-2
     problems = []
     for layer in range(num_layers):
-        inputs, out = values[(SiteKind.LAYERS_INPUT, layer)], values[(SiteKind.LAYERS_OUTPUT, layer)]
-        added = values[(SiteKind.ATTENTIONS_OUTPUT, layer)] + values[(SiteKind.MLPS_OUTPUT, layer)]
-        if inputs.shape != out.shape or added.shape != out.shape:
-            return []
-        error = _relative_error(inputs + added, out)
+        parts = [values[(kind, layer)] for kind in (SiteKind.LAYERS_INPUT, SiteKind.ATTENTIONS_OUTPUT,
+                                                     SiteKind.MLPS_OUTPUT, SiteKind.LAYERS_OUTPUT)]
+        if len({part.shape for part in parts}) != 1:
+            return []  # the shape check reports it
+        inputs, attention, mlp, out = parts
+        error = _relative_error(inputs + attention + mlp, out)
         if not error <= tolerance:
             problems.append(
                 f"layers[{layer}]: layers_input + attentions_output + mlps_output differs from layers_output "
