@@ -131,12 +131,15 @@ def find_model(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def find_loadable(name_or_path: str | os.PathLike) -> str:
+def find_loadable(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                  revision: str | None = None, local_files_only: bool = False) -> str:
     """`find_model`, and for a hub id with no local copy, a check that the hub answers:
-    what every load goes through, so an offline machine is told at once."""
+    what every load goes through, so an offline machine is told at once. ``cache_dir``
+    and ``revision`` are where and which copy the load will look for; with
+    ``local_files_only`` the load never asks the hub, so neither does this."""
     name = find_model(name_or_path)
-    if not os.path.isdir(name):
-        _check_hub_reachable(name)
+    if not os.path.isdir(name) and not local_files_only:
+        _check_hub_reachable(name, cache_dir, revision)
     return name
 
 
@@ -144,7 +147,7 @@ def find_loadable(name_or_path: str | os.PathLike) -> str:
 _HUB_TIMEOUT_S = 3.0
 
 
-def _check_hub_reachable(name: str) -> None:
+def _check_hub_reachable(name: str, cache_dir: str | os.PathLike | None = None, revision: str | None = None) -> None:
     """Refuse at once a hub id with no local copy when the hub cannot be reached.
 
     Without this, transformers retries the download for about 25 s before failing, and
@@ -156,13 +159,14 @@ def _check_hub_reachable(name: str) -> None:
         from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # transformers needs huggingface_hub; nothing to check without it
         return
-    cached = try_to_load_from_cache(name, "config.json")
+    cached = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir, revision=revision)
     if isinstance(cached, str):
         return
     where = f"{name!r} is not a local folder and has no copy in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(f"{where}, and the hub is off (HF_HUB_OFFLINE is set); download it "
                                  f"where the hub can be reached, or pass a local folder or {BUNDLED_NAME!r}")
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -171,7 +175,7 @@ def _check_hub_reachable(name: str) -> None:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=_HUB_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return  # the hub answered
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         raise ModelNotFoundError(f"{where}, and the hub at {endpoint} cannot be reached ({reason}); connect, "
                                  f"or pass a local folder or {BUNDLED_NAME!r}") from None

@@ -75,7 +75,8 @@ class StandardizedTransformer:
         paths: a `ModulePaths` for an architecture nnterp does not map itself.
         quiet: silence the libraries' log lines and progress bars (vLLM's engine start-up,
             about 50 lines and a loading bar; transformers' bars), as the command line does;
-            errors still show (`nnterp.quiet`).
+            errors still show (`nnterp.quiet`). The loggers stay quiet for the rest of the
+            process.
         **kwargs: passed to the backend: ``from_pretrained`` for HF, the engine for vLLM
             (``dtype``, ``max_model_len``, ``tensor_parallel_size``, ...). vLLM also takes
             ``cuda_graphs=True`` (or a list of site names): replay CUDA graphs, serving
@@ -102,7 +103,9 @@ class StandardizedTransformer:
         backend = _choose_backend(backend, use_vllm)
         self.name_or_path = os.fspath(name_or_path)
         self._backend: Backend = open_backend(
-            backend, find_loadable(name_or_path), paths=paths,
+            backend, find_loadable(name_or_path, cache_dir=kwargs.get("cache_dir") or kwargs.get("download_dir"),
+                                   revision=kwargs.get("revision"),
+                                   local_files_only=bool(kwargs.get("local_files_only"))), paths=paths,
             enable_attention_probs=enable_attention_probs, **kwargs)
         self.layers_input = _LayerAccessor(self, SiteKind.LAYERS_INPUT)
         self.layers_output = _LayerAccessor(self, SiteKind.LAYERS_OUTPUT)

@@ -105,9 +105,16 @@ def vllm_models(tiny_dir):
 
     if not torch.cuda.is_available():
         # in-process engines stop at once, but one after the other: each tears down the
-        # process's distributed state, which two at a time would tear down twice
+        # process's distributed state, which two at a time would tear down twice. Every
+        # engine is closed even if one fails; the first failure is raised after.
+        failures = []
         for model in cache.values():
-            model.close()
+            try:
+                model.close()
+            except Exception as error:  # noqa: BLE001 - re-raised below
+                failures.append(error)
+        if failures:
+            raise failures[0]
         return
     # An engine takes ~5 s to stop, mostly waiting for its processes to exit: stop them
     # all at once rather than one after the other.

@@ -155,6 +155,9 @@ def test_a_hub_id_with_no_local_copy_and_no_hub_fails_at_once_naming_both(monkey
     # the hub at a closed port on this machine: the request is refused at once, and no
     # traffic leaves the machine
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for proxy in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)  # straight to the closed port, never through a proxy
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     start = time.perf_counter()
@@ -166,6 +169,10 @@ def test_a_hub_id_with_no_local_copy_and_no_hub_fails_at_once_naming_both(monkey
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         StandardizedTransformer("nnterp-tests/no-such-model")
+    # a load that never asks the hub is not refused for it: the load itself decides
+    from nnterp.bundled import find_loadable
+
+    assert find_loadable("nnterp-tests/no-such-model", local_files_only=True) == "nnterp-tests/no-such-model"
 
 
 @pytest.mark.vllm
