@@ -45,6 +45,7 @@ Run: ``python -m benchmarks.throughput --preset 1b --out results`` on a GPU host
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -227,6 +228,7 @@ def dsl_collect(model: Any, prompts: list[str], layers: int) -> Any:
 
 # -- vanilla ----------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
 class PromptSet:
     """One workload's prompts, in every form a system may take, built before any timing.
 
@@ -236,28 +238,23 @@ class PromptSet:
     prompt has the same length, so the HF batch needs no padding.
     """
 
-    def __init__(self, texts: list[str], ids: list[list[int]]) -> None:
-        self.texts, self.ids = texts, ids
-        #: vLLM's token-id prompts (``vllm.inputs.TokensPrompt`` is this dict)
-        self.tokens_prompts = [{"prompt_token_ids": i} for i in ids]
-        self.input_ids = torch.tensor(ids, dtype=torch.long)
+    texts: list[str]
+    #: vLLM's token-id prompts (``vllm.inputs.TokensPrompt`` is this dict)
+    tokens_prompts: list[dict]
+    #: the HF batch, ``[prompts, tokens]``
+    input_ids: torch.Tensor
 
     @classmethod
     def of(cls, tokenizer: Any, texts: list[str]) -> "PromptSet":
-        return cls(texts, tokenizer(texts)["input_ids"])
+        ids = tokenizer(texts)["input_ids"]
+        return cls(texts, [{"prompt_token_ids": i} for i in ids], torch.tensor(ids, dtype=torch.long))
 
     def on(self, device: Any) -> "PromptSet":
         """The same prompts with the HF batch already on ``device``."""
-        moved = PromptSet.__new__(PromptSet)
-        moved.texts, moved.ids, moved.tokens_prompts = self.texts, self.ids, self.tokens_prompts
-        moved.input_ids = self.input_ids.to(device)
-        return moved
+        return dataclasses.replace(self, input_ids=self.input_ids.to(device))
 
     def __getitem__(self, part: slice) -> "PromptSet":
-        sliced = PromptSet.__new__(PromptSet)
-        sliced.texts, sliced.ids, sliced.tokens_prompts = self.texts[part], self.ids[part], self.tokens_prompts[part]
-        sliced.input_ids = self.input_ids[part]
-        return sliced
+        return PromptSet(self.texts[part], self.tokens_prompts[part], self.input_ids[part])
 
     def __len__(self) -> int:
         return len(self.texts)

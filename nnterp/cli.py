@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {name}: {_describe(result[name])}")
             node = graph[_node_named(graph, name)]
             if isinstance(node, Lens):
-                print(_lens_table(result[name], row, model.tokenizer, _lens_layers(node, model.num_layers),
+                print(_lens_table(result[name], row, model.tokenizer, node.layer_indices(model.num_layers),
                                   indent="    "))
     if args.out:
         result.save(args.out)
@@ -157,15 +157,7 @@ def _node_named(graph, name: str) -> int:
     return next(i for i, node in enumerate(graph) if node.output_name == name)
 
 
-def _lens_layers(node, num_layers: int) -> list[int]:
-    """The layers a `Lens` node reads, as indices from 0."""
-    layers = node.layers
-    chosen = range(num_layers) if layers is None or layers == "all" or layers is all else \
-        ([layers] if isinstance(layers, int) else layers)
-    return [layer % num_layers for layer in chosen]
-
-
-def _lens_table(value, row: int, tokenizer, layers: list[int], indent: str = "") -> str:
+def _lens_table(value, row: int, tokenizer, layers: tuple[int, ...], indent: str = "") -> str:
     """One prompt's lens as text: a line per layer, its top tokens and probabilities (the
     first position read, the prompt pass)."""
     import torch
@@ -194,7 +186,7 @@ def _lens(args: argparse.Namespace) -> int:
     model, result = _load_and_run(args, graph, args.prompt, Sampling())
     for row, prompt in enumerate(args.prompt):
         print(f"{prompt!r}: top {args.top_k} next tokens by layer (logit lens, last position)")
-        print(_lens_table(result["lens"], row, model.tokenizer, _lens_layers(graph[0], model.num_layers), "  "))
+        print(_lens_table(result["lens"], row, model.tokenizer, graph[0].layer_indices(model.num_layers), "  "))
     if args.plot:
         _plot(result, model.tokenizer, args)
     return 0

@@ -17,6 +17,7 @@ __all__ = [
     "ModelNotFoundError",
     "ValidationError",
     "GraphFormatError",
+    "renamed_argument",
 ]
 
 
@@ -128,3 +129,21 @@ class GraphFormatError(NnterpError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.problems, self.header))
+
+
+def renamed_argument(where: str, old: str, old_value: object, new: str, new_value: object,
+                     default: object = None) -> object:
+    """The value of an argument that has a new name: the new one's, or the old one's
+    with a ``DeprecationWarning`` (for the caller of ``where``) that names the new one.
+
+    Raises:
+        TypeError: both names were given.
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None and (default is None or new_value != default):
+        raise TypeError(f"{where}: got both {old}= and {new}=; {old}= is the old name of {new}=, pass only {new}=")
+    import warnings
+
+    warnings.warn(f"{where}({old}=...) is deprecated; call it {new}=", DeprecationWarning, stacklevel=3)
+    return old_value

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from nnterp.dsl import Graph, Lens, Patch, Read, Sampling, Steer, run
+from nnterp.errors import renamed_argument
 
 __all__ = ["logit_lens", "patchscope_lens", "patchscope_generate", "steer", "identity_prompt",
            "IDENTITY_PROMPT"]
@@ -148,13 +149,7 @@ def steer(model: Any, prompts: str | Sequence[str], layer: int | Sequence[int], 
     Returns:
         The `RunResult`: ``.texts`` and ``.tokens`` per prompt.
     """
-    if factor is not None:
-        if scale != 1.0:
-            raise TypeError("steer: got both factor= and scale=; factor= is the old name of scale=, pass only scale=")
-        import warnings
-
-        warnings.warn("steer(factor=...) is deprecated; call it scale=", DeprecationWarning, stacklevel=2)
-        scale = factor
+    scale = renamed_argument("steer", "factor", factor, "scale", scale, default=1.0)
     layers = [layer] if isinstance(layer, int) else list(layer)
     graph = Graph(tuple(Steer(l, vector, scale=scale, positions=positions) for l in layers))
     return run(graph, model, _prompts(prompts), sampling=_sampling(max_tokens, temperature, top_p, seed))

@@ -23,6 +23,7 @@ import torch
 from nnterp.backends import Backend, open_backend
 from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, VLLM
 from nnterp.bundled import find_loadable, resolve_model_name
+from nnterp.errors import renamed_argument
 from nnterp.rename import ModulePaths
 from nnterp.sites import SiteKind
 
@@ -288,8 +289,8 @@ class StandardizedTransformer:
             ValueError: the vector or the scale is not finite (a NaN would turn every
                 later activation and probability into NaN, without an error).
         """
-        vector = _renamed("model.steer", "steering_vector", steering_vector, "vector", vector)
-        scale = _renamed("model.steer", "factor", factor, "scale", scale, default=1.0)
+        vector = renamed_argument("model.steer", "steering_vector", steering_vector, "vector", vector)
+        scale = renamed_argument("model.steer", "factor", factor, "scale", scale, default=1.0)
         if vector is None:
             raise TypeError("model.steer(layers, vector, scale=1.0) needs a vector")
         _check_finite("model.steer", vector, scale)
@@ -412,19 +413,6 @@ def _check_trace_inputs(inputs: tuple) -> None:
             empty = [i for i, item in enumerate(value) if isinstance(item, str) and not item]
             if empty:
                 raise ValueError(f"prompts[{empty[0]}] is empty: a trace needs at least one token per prompt")
-
-
-def _renamed(where: str, old: str, old_value: Any, new: str, new_value: Any, default: Any = None) -> Any:
-    """The value of an argument that has a new name: the new one's, or the old one's with a
-    ``DeprecationWarning`` that names the new one; both given is an error."""
-    if old_value is None:
-        return new_value
-    if new_value is not default and new_value is not None:
-        raise TypeError(f"{where}: got both {old}= and {new}=; {old}= is the old name of {new}=, pass only {new}=")
-    import warnings
-
-    warnings.warn(f"{where}({old}=...) is deprecated; call it {new}=", DeprecationWarning, stacklevel=3)
-    return old_value
 
 
 def _check_finite(where: str, vector: Any, scale: Any) -> None:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+import tiny_models
 
 VOCAB = 49152
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -33,20 +34,7 @@ def _configs() -> dict:
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory, tokenizer_path):
     root = tmp_path_factory.mktemp("outside")
-
-    def build(family: str) -> Path:
-        folder = root / family
-        if not (folder / "config.json").exists():
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(_configs()[family], dtype=torch.float32)
-            with torch.no_grad():  # random init leaves norms at 1 and biases at 0
-                for parameter in model.parameters():
-                    parameter.add_(torch.randn_like(parameter) * 0.02)
-            model.save_pretrained(folder)
-            transformers.AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder)
-        return folder
-
-    return build
+    return lambda family: tiny_models.build(family, root / family, tokenizer_path, config=_configs()[family])
 
 
 @pytest.mark.parametrize("family", ["falcon", "bloom"])

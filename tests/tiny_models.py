@@ -44,13 +44,14 @@ def _configs() -> dict:
 FAMILIES = tuple(_configs())
 
 
-def build(family: str, folder: Path, tokenizer_folder: Path, seed: int = 0, **overrides) -> Path:
+def build(family: str, folder: Path, tokenizer_folder: Path, seed: int = 0, config=None, **overrides) -> Path:
     """Write a random-weight model of ``family`` to ``folder`` (once) and return it.
 
-    ``overrides`` change the family's configuration (``vocab_size=...``)."""
+    ``config``: the configuration of a family outside `FAMILIES`; ``overrides`` change
+    the family's configuration (``vocab_size=...``)."""
     if (folder / "config.json").exists():
         return folder
-    config = _configs()[family]
+    config = config if config is not None else _configs()[family]
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)

@@ -224,8 +224,6 @@ class VLLMBackend(Backend):
             from nnterp.quiet import quiet_environment, quiet_libraries
 
             environment.update(quiet_environment())
-            with engine_environment(environment):
-                quiet_libraries()
         if not nvlink_multicast and not cpu:
             kwargs, no_multicast = without_multicast(kwargs)
             environment.update(no_multicast)
@@ -235,6 +233,8 @@ class VLLMBackend(Backend):
                 "there anyway); leave cuda_graphs out")
         with _classes_unchanged(_hf_model_classes(name_or_path, kwargs.get("trust_remote_code", False))), \
                 engine_environment(environment if quiet else {}):
+            if quiet:
+                quiet_libraries()  # this process's loggers, with the quiet environment set
             if cpu:
                 if "max_model_len" not in kwargs:
                     kwargs["max_model_len"] = _cpu_max_model_len(name_or_path)
@@ -406,7 +406,7 @@ class VLLMBackend(Backend):
             self._require(site.kind)
         prompts = Prompts.of(prompts, self.model.tokenizer)
         # one look-up of the limit for a sweep: thousands of prompts, one check each
-        limit = self.model.vllm_entrypoint.llm_engine.model_config.max_model_len
+        limit = self.max_model_len
         for ids in prompts.token_ids:
             if len(ids) >= limit:
                 raise PromptTooLongError(_too_long(len(ids), limit))

@@ -386,7 +386,7 @@ class _Engine:
             stage.neutral(site, self.dump)
         for site in touched | self.dirty:
             self.state.active[site] = site in touched
-        self._upload(stage, touched)
+        self._copy_tables(stage, touched)
         stage.dirty = touched
         self.dirty = touched
 
@@ -398,19 +398,18 @@ class _Engine:
         fresh = tokens.position >= recorded
         touched: set[int] = set()
         computed = []
-        mine_key = None
+        mine = tokens.prompt >= 0
+        mine_key = mine.tobytes()
         for site in program.site_ops:
             row = program.constant_row(site)
             if row is None:
                 computed.append(site)
                 continue
-            if mine_key is None:
-                mine_key = (tokens.prompt >= 0).tobytes()
             holds = (self.plan_id, row, n, mine_key)
             touched.add(site)
             if stage.held.get(site) != holds:
                 stage.neutral(site, self.dump)
-                stage.row[site, :n] = torch.from_numpy(np.where(tokens.prompt >= 0, row, 0))
+                stage.row[site, :n] = torch.from_numpy(np.where(mine, row, 0))
                 stage.held[site] = holds
         used = 0
         for site, result in program.step(tokens, fresh, computed):
@@ -458,7 +457,7 @@ class _Engine:
                     if actions:
                         self.sampling.append((row, prompt_row, step, actions))
 
-    def _upload(self, stage: _Staging, touched: set[int]) -> None:
+    def _copy_tables(self, stage: _Staging, touched: set[int]) -> None:
         """Copy the staged tables to the device, whole (a few MB; the device never sees a
         stale row), unless the device holds the same already (steady decoding)."""
         nameable = all(site in stage.held for site in touched)

@@ -157,8 +157,7 @@ def cpu_meta_model_patch(engine_cls: Any = None) -> Iterator[None]:
 
     from nnsight.modeling.vllm import VLLM
 
-    with mock.patch.object(torch.accelerator, "empty_cache", _empty_cache_noop), \
-            mock.patch.object(engine_cls or VLLM, "_WORKER_CLS", WORKER_CLS):
+    with _no_accelerator_cache(), mock.patch.object(engine_cls or VLLM, "_WORKER_CLS", WORKER_CLS):
         yield
 
 
@@ -210,12 +209,13 @@ def shutdown_vllm(model: Any, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
 
 @contextlib.contextmanager
 def _no_accelerator_cache() -> Iterator[None]:
-    """``torch.accelerator.empty_cache`` as a no-op while an engine shuts down on CPU.
+    """``torch.accelerator.empty_cache`` as a no-op, on a CPU-only host, for the duration.
 
-    An engine run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no engine or
-    worker process to spawn, the test suite's shared engines) shuts its worker down
-    here, and the runner's shutdown empties the accelerator's cache, which raises on a
-    CPU-only torch. In a worker process vLLM's CPU runner has already made it a no-op.
+    vLLM empties the accelerator's cache where a CPU-only torch raises: after building
+    nnsight's meta model in this process (`cpu_meta_model_patch`), and when the worker of
+    an engine run in this process shuts down (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the
+    test suite's shared engines). In a worker process vLLM's CPU runner has already made
+    it a no-op. Reentrant, and safe from several threads.
     """
     global _noop_depth, _saved_empty_cache
     if not is_cpu_only():

@@ -114,11 +114,7 @@ def _lower_steer(node: Steer, ctx: _Context) -> Lowered:
 
 @lowers(Lens)
 def _lower_lens(node: Lens, ctx: _Context) -> Lowered:
-    if node.layers == "all":
-        layers = tuple(range(ctx.num_layers))
-    else:
-        chosen = (node.layers,) if isinstance(node.layers, int) else node.layers
-        layers = tuple(layer % ctx.num_layers for layer in chosen)
+    layers = node.layer_indices(ctx.num_layers)
     for layer in layers:
         yield LensOp(ctx.layer_site(SiteKind.LAYERS_OUTPUT, layer), layer=layer,
                      positions=node.positions, steps=node.steps, top_k=node.top_k,

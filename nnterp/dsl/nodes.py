@@ -371,6 +371,18 @@ class Lens(Node):
     def output_name(self) -> str:
         return self.name
 
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The layers read, from 0, in the order the result stacks them.
+
+        Example:
+            >>> Lens(layers=[0, -1]).layer_indices(30)
+            (0, 29)
+        """
+        if self.layers == "all":
+            return tuple(range(num_layers))
+        chosen = (self.layers,) if isinstance(self.layers, int) else self.layers
+        return tuple(layer % num_layers for layer in chosen)
+
 
 @attrs.frozen(repr=False)
 class Grad(Node):
