@@ -778,6 +778,10 @@ class NnterpRunnerMixin:
         super().load_model(*args, **kwargs)
         config = (self.vllm_config.additional_config or {}).get(CONFIG_KEY)
         self.nnterp = _Engine.open(self, config) if config else None
+        requests = getattr(self, "nnsight_requests", None)  # nnsight's runner only
+        if requests is not None:
+            model = getattr(self, "nnsight_model", None)
+            _serve_token_ids(requests, getattr(model, "tokenizer", None))
 
     def _update_states(self, scheduler_output: Any) -> Any:
         result = super()._update_states(scheduler_output)
@@ -806,6 +810,34 @@ class NnterpRunnerMixin:
 
     def nnterp_collect(self, plan_id: str) -> bytes | None:
         return self.nnterp.collect(plan_id)
+
+
+def _serve_token_ids(requests: Any, tokenizer: Any) -> None:
+    """Make ``tracer.result`` the ids tensor that Hugging Face's ``generate`` returns.
+
+    nnsight hands a request's block the engine's ``RequestOutput``; nnterp's HF backend
+    gives ``[sequences, prompt + generated]`` token ids. The same program should read the
+    same thing on both backends, so the runner hands the block that tensor instead: one
+    row per sampled sequence, prompt ids first, shorter rows padded at the end with the
+    pad token (the end-of-sequence token where there is none), as Hugging Face does.
+    """
+    serve = requests.serve_result
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None) or 0
+
+    def serve_result(mediator: Any, output: Any) -> None:
+        return serve(mediator, request_token_ids(output, pad))
+
+    requests.serve_result = serve_result
+
+
+def request_token_ids(output: Any, pad: int) -> torch.Tensor:
+    """A vLLM ``RequestOutput`` as ``[sequences, prompt + generated]`` token ids."""
+    prompt = list(output.prompt_token_ids or [])
+    rows = [prompt + list(sequence.token_ids) for sequence in output.outputs]
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
 
 
 class NnterpWorkerMixin:
