@@ -334,7 +334,7 @@ def mapping_error_message(model_type: str, class_name: str, problems: list[str])
         f"final_norm='model.norm', lm_head='lm_head')), with the names printed by print(model); "
         f"where the layer applies a norm to what the attention or MLP returns before adding it, name "
         f"that norm too (attention_output='post_attention_layernorm', mlp_output=...). If the sites are "
-        f"right and a check is wrong for this model, load it with check=False (HF)."
+        f"right and a check is wrong for this model, load it with check=False."
     )
 
 

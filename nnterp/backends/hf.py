@@ -22,6 +22,7 @@ import torch
 
 from nnterp.backends.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
+from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.weights import HeadLayout, unpack
 from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
@@ -33,7 +34,6 @@ from nnterp.sites import SiteKind
 
 __all__ = ["HFBackend"]
 
-_PROBE_TEXT = "The quick brown fox"
 #: how this backend runs plans, as the run manifest records it
 _EXECUTOR = "hf/nnsight: one left-padded batch per run"
 
@@ -97,7 +97,7 @@ class HFBackend(Backend):
         if check:
             self._check_accessors()
         if paths is None and model_type not in KNOWN_ARCHITECTURES:
-            _warn_untested(model_type, check)
+            warn_untested(model_type, check)
 
     # -- description -----------------------------------------------------------------
 
@@ -298,53 +298,13 @@ class HFBackend(Backend):
     # -- load-time check -----------------------------------------------------------------
 
     def _check_accessors(self) -> None:
-        """Read every accessor once on a short prompt and check what it claims.
-
-        Each accessor's shape; then the meaning of the sites: what the attention and the
-        MLP add to a layer's input gives the layer's output (the residual identity), and
-        the logit lens of the last layer gives the logits. A family whose module outputs
-        do not look like the residual stream (a layer returning something else, an MLP
-        path pointing at a sub-projection, an attention module that adds the residual
-        itself, as Bloom's does) fails here, at load time, with every problem listed,
-        instead of giving wrong values later. ``check=False`` skips it.
-        """
-        hidden = self.config.hidden_size
-        vocab = self._lm_head.out_features if hasattr(self._lm_head, "out_features") else None
-        seen: dict[str, Any] = {}
-        kinds = [SiteKind.LAYERS_INPUT, SiteKind.ATTENTIONS_OUTPUT, SiteKind.MLPS_OUTPUT, SiteKind.LAYERS_OUTPUT]
-        if self.enable_attention_probs:
-            kinds.insert(1, SiteKind.ATTENTION_PROBABILITIES)
-        meaning: list[str] = []
-        with torch.no_grad(), self.model.trace(_PROBE_TEXT):
-            seen["embeddings_output"] = _describe(self.read(SiteKind.EMBEDDINGS_OUTPUT, None))
-            values = {}
-            for layer in range(self.num_layers):
-                for kind in kinds:
-                    values[(kind, layer)] = value = self.read(kind, layer)
-                    seen[f"{kind.value}[{layer}]"] = _describe(value)
-            logits = self.read(SiteKind.LOGITS, None)
-            seen["logits"] = _describe(logits)
-            meaning.extend(_meaning_problems(values, logits, self.project_on_vocab, self.num_layers))
-        n_tokens = len(self.tokenizer(_PROBE_TEXT)["input_ids"])
-        problems = []
-        for key, got in seen.items():
-            if key.startswith("attention_probabilities"):
-                want = ("[1, heads, {n}, {n}], rows summing to 1".format(n=n_tokens))
-                ok = got[0] == 4 and got[1][0] == 1 and got[1][2:] == (n_tokens, n_tokens) and got[2]
-            elif key == "logits":
-                want = f"[1, {n_tokens}, {vocab or 'vocab'}]"
-                ok = got[0] == 3 and got[1][:2] == (1, n_tokens) and (vocab is None or got[1][2] == vocab)
-            else:
-                want = f"[1, {n_tokens}, {hidden}]"
-                ok = got[0] == 3 and got[1] == (1, n_tokens, hidden)
-            if not ok:
-                problems.append(f"{key}: expected a tensor {want}, got {got[3]}")
-        if not problems:
-            problems = meaning
-        if problems:
-            raise ArchitectureNotSupportedError(
-                mapping_error_message(self.config.model_type, type(self.model._module).__name__, problems)
-            )
+        """Read every accessor once on a short prompt and check what it claims
+        (`nnterp.backends.load_check`). ``check=False`` skips it."""
+        check_sites(self, self.model.trace, model_type=self.config.model_type,
+                    class_name=type(self.model._module).__name__, hidden=self.config.hidden_size,
+                    n_tokens=len(self.tokenizer(PROBE_TEXT)["input_ids"]),
+                    vocab=getattr(self._lm_head, "out_features", None), logits_every_position=True,
+                    attention_probabilities=self.enable_attention_probs)
 
 
 def _left_padded(token_ids: Sequence[Sequence[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
@@ -358,78 +318,6 @@ def _left_padded(token_ids: Sequence[Sequence[int]], pad_id: int | None) -> dict
     ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in token_ids], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in token_ids], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask}
-
-
-#: the untested families already warned about in this process
-_WARNED: set[str] = set()
-
-
-def _warn_untested(model_type: str, checked: bool) -> None:
-    """Warn once per process about a family nnterp was never tested on."""
-    if model_type in _WARNED:
-        return
-    _WARNED.add(model_type)
-    import warnings
-
-    passed = ("its sites passed the load checks (shapes, the residual identity, the last layer's lens)"
-              if checked else "its load checks were skipped (check=False)")
-    warnings.warn(f"nnterp was never tested on model_type {model_type!r}; {passed}, and the module paths "
-                  f"were guessed: compare a few values with the model's own before relying on them",
-                  UserWarning, stacklevel=4)
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| over max |want|, in float32."""
-    got, want = got.float(), want.float()
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
-
-
-def _meaning_problems(values: dict, logits: Any, project: Any, num_layers: int) -> list[str]:
-    """What the sites claim, on the probe's values (inside the trace): each layer's input
-    plus what its attention and MLP add is its output, and the lens of the last layer is
-    the logits. Skipped where a value is not a tensor (the shape check reports those)."""
-    tensors = all(isinstance(v, torch.Tensor) for v in values.values()) and isinstance(logits, torch.Tensor)
-    if not tensors:
-        return []
-    dtype = values[(SiteKind.LAYERS_OUTPUT, 0)].dtype
-    # float32 sums three tensors exactly enough for 1e-4; a 16-bit dtype rounds each term
-    tolerance = 1e-4 if torch.finfo(dtype).bits >= 32 else 2e-2
-    problems = []
-    for layer in range(num_layers):
-        parts = [values[(kind, layer)] for kind in (SiteKind.LAYERS_INPUT, SiteKind.ATTENTIONS_OUTPUT,
-                                                     SiteKind.MLPS_OUTPUT, SiteKind.LAYERS_OUTPUT)]
-        if len({part.shape for part in parts}) != 1:
-            return []  # the shape check reports it
-        inputs, attention, mlp, out = parts
-        error = _relative_error(inputs + attention + mlp, out)
-        if not error <= tolerance:
-            problems.append(
-                f"layers[{layer}]: layers_input + attentions_output + mlps_output differs from layers_output "
-                f"by {error:.2g} of its scale (at most {tolerance:g}): the attention or MLP module is not what "
-                f"the layer adds to the residual stream (a norm after it, or a residual added inside it)")
-    lens = project(values[(SiteKind.LAYERS_OUTPUT, num_layers - 1)])
-    if isinstance(lens, torch.Tensor) and lens.shape == logits.shape:
-        error = _relative_error(lens, logits)
-        if not error <= tolerance:
-            problems.append(f"logits: the final norm and unembedding of layers_output[{num_layers - 1}] differ from "
-                            f"the logits by {error:.2g} of their scale (at most {tolerance:g}): final_norm or lm_head "
-                            "is not the model's")
-    return problems
-
-
-def _describe(value: Any) -> tuple:
-    """(ndim, shape, rows-sum-to-one, text) of a value, computed inside the trace."""
-    if not isinstance(value, torch.Tensor):
-        return (-1, (), False, type(value).__name__)
-    # each probability is rounded to the model's dtype, so a row's sum is off by up to
-    # about one rounding step of 1 (bfloat16: 2**-8); a few steps of margin
-    atol = max(1e-3, 4 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-3
-    rows_one = bool(
-        value.ndim == 4 and torch.allclose(value.float().sum(-1), torch.ones((), dtype=torch.float32), atol=atol)
-    )
-    return (value.ndim, tuple(value.shape), rows_one, f"{tuple(value.shape)}")
-
-
 def _is_conv1d(module: Any) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers, weight ``[in, out]``)."""
     from transformers.pytorch_utils import Conv1D

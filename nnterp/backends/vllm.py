@@ -53,12 +53,13 @@ from nnterp.backends.base import Backend
 from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.limits import VLLM as VLLM_LIMITS
+from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
 from nnterp.backends.vllm_settings import engine_environment, float32_engine_environment, without_multicast
 from nnterp.backends.weights import (META_WEIGHT_MESSAGE, HeadLayout, assemble, guard_meta_parameters,
                                      local_pieces, locate, unpack)
 from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
-from nnterp.rename import ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
+from nnterp.rename import KNOWN_ARCHITECTURES, ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
 __all__ = ["VLLMBackend", "ReadOnlyActivation"]
@@ -183,7 +184,7 @@ class VLLMBackend(Backend):
 
     def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
                  dsl_executor: str = "batched", nvlink_multicast: bool = True, quiet: bool = False,
-                 **kwargs: Any) -> None:
+                 check: bool = True, **kwargs: Any) -> None:
         # nnsight refuses vLLM's V2 model runner; make the default explicit so a user's
         # environment cannot pick it.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -264,6 +265,30 @@ class VLLMBackend(Backend):
         # This process's copy of the model has shapes and no values: computing with one
         # of its weights raises an error that points to `weight` (nnterp.backends.weights).
         guard_meta_parameters(self.model._module)
+        untested = paths is None and model_type not in KNOWN_ARCHITECTURES
+        if check and (untested or paths is not None):
+            self._check_sites(model_type, type(root).__name__)
+        if untested:
+            warn_untested(model_type, check)
+
+    def _check_sites(self, model_type: str, class_name: str) -> None:
+        """The load check of `nnterp.backends.load_check`, for mappings the parity suite
+        does not cover: a family nnterp guessed, or the user's own ``ModulePaths``. It
+        costs one short trace, which a CUDA-graph engine cannot run."""
+        if self.graph_kinds is not None:
+            self.close()
+            raise BackendUnsupportedError(
+                f"model_type {model_type!r} is not one nnterp was tested on, and its sites are checked at "
+                f"load with a trace, which a cuda_graphs engine cannot run: load it once without "
+                f"cuda_graphs (the check then runs), and pass check=False with cuda_graphs after that")
+        try:
+            check_sites(self, self.trace, model_type=model_type, class_name=class_name,
+                        hidden=int(self.model.config.hidden_size),
+                        n_tokens=len(self.model.tokenizer(PROBE_TEXT)["input_ids"]),
+                        vocab=None, logits_every_position=False)
+        except BaseException:
+            self.close()
+            raise
 
     # -- description -----------------------------------------------------------------
 
