@@ -82,9 +82,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nnterp.dsl import Sampling, run, validate
-    from nnterp.errors import NnterpError, ValidationError
-
     from nnterp.dsl import Lens
 
     graph = _load_graph(args.graph)

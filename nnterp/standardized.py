@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nnterp.backends import Backend, open_backend
-from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, VLLM
+from nnterp.limits import BACKENDS, DEFAULT_BACKEND, VLLM
 from nnterp.bundled import find_loadable, resolve_model_name
 from nnterp.errors import renamed_argument
 from nnterp.rename import ModulePaths
@@ -256,7 +256,7 @@ class StandardizedTransformer:
         after validating and lowering a graph (use ``run`` rather than this).
 
         Returns:
-            An ``nnterp.dsl.plan.Execution``: recorded values and generated tokens.
+            An ``nnterp.dsl.recorded.Execution``: recorded values and generated tokens.
         """
         return self._backend.execute(plan, prompts, sampling)
 

@@ -150,8 +150,6 @@ def test_steer_prints_both_continuations(nnterp_cli, tmp_path):
 
 
 def test_sampling_flags_a_version_and_a_plot_refused_before_loading(nnterp_cli, tmp_path):
-    import nnterp
-
     read = tmp_path / "read.json"
     read.write_text('{"nnterp_dsl": 1, "graph": [{"op": "read", "site": "layers[0].output"}]}')
     # no Lens: refused before the (missing) model is looked at

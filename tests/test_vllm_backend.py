@@ -11,8 +11,6 @@ token's largest feature (see `assert_close_per_token`).
 
 from __future__ import annotations
 
-import os
-
 import attrs
 import nnsight
 import psutil

@@ -1,7 +1,7 @@
 """Execution backends for nnterp: Hugging Face transformers and vLLM, behind one interface.
 
 `open_backend` is how the facade gets a backend by the name a user passes: it refuses
-the options the backend's limits table (`nnterp.backends.limits`) declares it cannot
+the options the backend's limits table (`nnterp.limits`) declares it cannot
 take, with that table's explanation and fix, then builds the backend. The backend
 modules are imported only here and only when chosen: the vLLM one pulls in vLLM.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from nnterp.backends.base import Backend
-from nnterp.backends.limits import HF, VLLM, limits_for
+from nnterp.limits import HF, VLLM, limits_for
 from nnterp.errors import BackendOptionError
 
 __all__ = ["Backend", "open_backend"]

@@ -5,7 +5,7 @@ transformers and on vLLM lives in a `Backend` subclass. A backend owns its nnsig
 and implements, for each kind of site (`nnterp.sites.SiteKind`), how to read it and how
 to write it inside a trace, how to start traces and generation, how to run a lowered
 DSL plan, how to read a weight by its standardized name, and how to free its resources.
-What it cannot do is data, in its `limits` (`nnterp.backends.limits`), which validation
+What it cannot do is data, in its `limits` (`nnterp.limits`), which validation
 and the facade read.
 
 The DSL reaches a backend through one method: ``execute(plan, prompts, sampling) ->
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from nnterp.backends.limits import BackendLimits
+from nnterp.limits import BackendLimits
 from nnterp.sites import SiteKind
 
 if TYPE_CHECKING:
-    from nnterp.dsl.plan import Execution, Plan, Sampling
+    from nnterp.dsl.plan import Plan, Sampling
+    from nnterp.dsl.recorded import Execution
 
 __all__ = ["Backend"]
 

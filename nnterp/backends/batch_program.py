@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from nnterp.dsl.plan import LensOp, PatchOp, Plan, ReadOp, SteerOp, ZeroOp
+from nnterp.dsl.steps import acts_at_each, reaches_generated_token, wanted_positions
 from nnterp.sites import SiteKind
 
 __all__ = ["PlanProgram", "TokenBatch", "Capture", "VectorTable", "HOOKABLE"]
@@ -70,18 +71,6 @@ class TokenBatch:
         return np.where(self.position < self.prompt_length, 0, self.position - self.prompt_length + 1)
 
 
-def _steps_match(steps: Any, step: np.ndarray) -> np.ndarray:
-    if steps == "all":
-        return np.ones(step.shape, dtype=bool)
-    if isinstance(steps, tuple):
-        return np.isin(step, steps)
-    return step == steps
-
-
-def _wanted(positions: Any) -> tuple[int, ...] | None:
-    return None if positions is None else ((positions,) if isinstance(positions, int) else positions)
-
-
 def position_matches(positions: Any, tokens: TokenBatch) -> Iterator[tuple[int, np.ndarray]]:
     """``(order, mask)`` for each requested position: which tokens it names.
 
@@ -91,11 +80,11 @@ def position_matches(positions: Any, tokens: TokenBatch) -> Iterator[tuple[int, 
     ``-1`` name it; any other position names no token there.
     """
     prompt = tokens.position < tokens.prompt_length
-    wanted = _wanted(positions)
+    wanted = wanted_positions(positions)
     if wanted is None:
         yield -1, np.ones(prompt.shape, dtype=bool)
         return
-    generated_ok = all(p == -1 for p in wanted)
+    generated_ok = reaches_generated_token(positions)
     for order, p in enumerate(wanted):
         target = p if p >= 0 else tokens.prompt_length + p
         mask = prompt & (tokens.position == target)
@@ -276,7 +265,7 @@ class PlanProgram:
         reads: list[np.ndarray] = []
         captured = np.zeros(n, dtype=bool)
         for index, op in ops:
-            active = mine & _steps_match(op.steps, step)
+            active = mine & acts_at_each(op.steps, step)
             if not active.any():
                 continue
             for order, mask in position_matches(op.positions, tokens):
@@ -311,7 +300,7 @@ class PlanProgram:
     def logit_actions(self, prompt_length: int, last_position: int) -> list[tuple[int, Any]]:
         """The logits ops acting when a request samples after ``last_position``."""
         step = max(0, last_position - prompt_length + 1)
-        return [(index, op) for index, op in self.logit_ops if _steps_match(op.steps, np.array(step))]
+        return [(index, op) for index, op in self.logit_ops if acts_at_each(op.steps, np.array(step))]
 
 
 def _renamed(result: Any, template: list[int], ops: list[int]) -> Any:

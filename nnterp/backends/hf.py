@@ -20,13 +20,13 @@ from typing import Any, Sequence
 
 import torch
 
-from nnterp.backends.limits import HF as HF_LIMITS
+from nnterp.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
 from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.weights import HeadLayout, unpack
-from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
-from nnterp.dsl.recorded import Recorder
+from nnterp.dsl.plan import Plan, Prompts, Sampling
+from nnterp.dsl.recorded import Execution, Recorder
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError
 from nnterp.rename import (KNOWN_ARCHITECTURES, ModulePaths, mapping_error_message, missing_paths, paths_for,
                            resolve_path)

@@ -40,6 +40,7 @@ from nnterp.dsl.plan import (
     ZeroOp,
 )
 from nnterp.dsl.recorded import Recorder
+from nnterp.dsl.steps import reaches_generated_token, wanted_positions
 from nnterp.sites import SiteKind
 
 __all__ = ["run_step", "generation_may_end_early"]
@@ -64,9 +65,8 @@ def _columns(positions: Any, pad: int, length: int, step: int) -> list[int] | No
         start = 0 if step > 0 else pad
         if positions is None:
             return list(range(start, length))
-        wanted = (positions,) if isinstance(positions, int) else positions
-        return [length - 1] if all(p == -1 for p in wanted) else None
-    wanted = (positions,) if isinstance(positions, int) else positions
+        return [length - 1] if reaches_generated_token(positions) else None
+    wanted = wanted_positions(positions)
     tokens = length - pad
     outside = [p for p in wanted if not -tokens <= p < tokens]
     if outside:

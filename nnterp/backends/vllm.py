@@ -52,12 +52,13 @@ import torch
 from nnterp.backends.base import Backend
 from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
-from nnterp.backends.limits import VLLM as VLLM_LIMITS
+from nnterp.limits import VLLM as VLLM_LIMITS
 from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
 from nnterp.backends.vllm_settings import engine_environment, float32_engine_environment, without_multicast
 from nnterp.backends.weights import (META_WEIGHT_MESSAGE, HeadLayout, assemble, guard_meta_parameters,
                                      local_pieces, locate, unpack)
-from nnterp.dsl.plan import Execution, Plan, Prompts, Sampling
+from nnterp.dsl.plan import Plan, Prompts, Sampling
+from nnterp.dsl.recorded import Execution
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
 from nnterp.rename import KNOWN_ARCHITECTURES, ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 from nnterp.sites import SiteKind

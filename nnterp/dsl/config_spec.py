@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nnterp.backends.limits import limits_for
+from nnterp.limits import limits_for
 from nnterp.dsl.spec import ModelSpec
-from nnterp.sites import SiteKind
 
 __all__ = ["spec_for_name", "tokenizer_for_name"]
 
@@ -38,8 +37,8 @@ def spec_for_name(name: str | os.PathLike, backend: str) -> ModelSpec:
     from nnterp.bundled import find_loadable
 
     config = AutoConfig.from_pretrained(find_loadable(name))
-    probs = SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites
-    return ModelSpec.from_config(config, backend, attention_probs_enabled=probs)
+    return ModelSpec.from_config(config, backend,
+                                 attention_probs_enabled=limits_for(backend).reads_attention_probabilities)
 
 
 def tokenizer_for_name(name: str | os.PathLike) -> Any:

@@ -36,11 +36,11 @@ from nnterp.dsl.plan import (
     Plan,
     ReadOp,
     SteerOp,
-    Steps,
     ZeroOp,
 )
 from nnterp.dsl.sites import Site
 from nnterp.dsl.spec import ModelSpec
+from nnterp.dsl.steps import last_step, steer_steps
 from nnterp.sites import SiteKind
 
 __all__ = ["lower", "lowers", "uses"]
@@ -106,8 +106,7 @@ def _lower_patch(node: Patch, ctx: _Context) -> Lowered:
 
 @lowers(Steer)
 def _lower_steer(node: Steer, ctx: _Context) -> Lowered:
-    # positions=None steers every token, generated ones included
-    steps = "all" if node.positions is None else 0
+    steps = steer_steps(node.positions)
     yield SteerOp(ctx.layer_site(SiteKind.LAYERS_OUTPUT, node.layer), vector=node.vector,
                   scale=node.scale, positions=node.positions, steps=steps, node_index=ctx.index)
 
@@ -138,14 +137,6 @@ def _lower_grad(node: Grad, ctx: _Context) -> Lowered:
     yield GradOp(site, target=target, positions=node.positions, name=node.output_name,
                  node_index=ctx.index)
     yield Output(node.output_name, OutputKind.GRAD, node.positions)
-
-
-def _last_step(steps: Steps, max_tokens: int) -> int:
-    if steps == "all":
-        return max_tokens - 1
-    if isinstance(steps, tuple):
-        return max(steps)
-    return steps
 
 
 def _order(op: Op, num_layers: int) -> tuple[int, int]:
@@ -186,7 +177,7 @@ def lower(graph: Graph, spec: ModelSpec, max_tokens: int = 1,
             (outputs if isinstance(item, Output) else ops).append(item)
     # sorted() is stable: operations at one position keep their graph order.
     ordered = tuple(sorted(ops, key=lambda op: _order(op, spec.num_layers)))
-    last = max((_last_step(op.steps, max_tokens) for op in ordered), default=0)
+    last = max((last_step(op.steps, max_tokens) for op in ordered), default=0)
     return Plan(ops=ordered, num_layers=spec.num_layers, max_step=min(last, max_tokens - 1),
                 outputs=tuple(outputs))
 

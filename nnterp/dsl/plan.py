@@ -1,4 +1,5 @@
-"""The contract between the DSL and the backends: a `Plan` in, an `Execution` out.
+"""The contract between the DSL and the backends: a `Plan` in, an `Execution` out
+(`nnterp.dsl.recorded.Execution`, beside the recorded values it holds).
 
 A graph says *what* to do; lowering (`nnterp.dsl.lowering`) turns it into a `Plan`,
 which says *where in the forward pass and in which order*: a flat listing of typed
@@ -13,7 +14,7 @@ no behaviour beyond small queries, and a ``repr`` that reads like a listing. It 
 nothing of backends, nnsight or vLLM, and it travels to vLLM's workers by pickle, so
 it stays importable and small.
 
-This module imports attrs, the DSL's sites and values only.
+This module imports attrs, the DSL's sites, steps and values only.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 import hashlib
 
 import enum
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import attrs
 
 from nnterp.dsl.sites import Site
+from nnterp.dsl.steps import Positions, Steps, acts_at, is_multi_step
 from nnterp.dsl.values import TensorValue
 
 __all__ = [
@@ -46,14 +48,8 @@ __all__ = [
     "Output",
     "OutputKey",
     "Plan",
-    "Execution",
 ]
 
-#: Token positions of a prompt: an int, a tuple of ints, or None for every token.
-Positions = Union[int, tuple, None]
-#: Forward passes an operation acts in: 0 is the prompt's, k the k-th generated token's;
-#: a tuple of them, or "all".
-Steps = Union[int, tuple, str]
 
 
 # -- prompts -----------------------------------------------------------------------------
@@ -163,14 +159,6 @@ class Sampling:
 # -- operations --------------------------------------------------------------------------
 
 
-def _acts_at(steps: Steps, step: int) -> bool:
-    if steps == "all":
-        return True
-    if isinstance(steps, tuple):
-        return step in steps
-    return step == steps
-
-
 def _show_positions(positions: Positions) -> str:
     return "all" if positions is None else repr(positions)
 
@@ -187,7 +175,7 @@ class _Op:
 
     def acts_at(self, step: int) -> bool:
         """Whether this op acts in the forward pass of generation step ``step``."""
-        return _acts_at(self.steps, step)
+        return acts_at(self.steps, step)
 
     def _details(self) -> str:
         return ""
@@ -335,7 +323,7 @@ class Output:
 
     @property
     def multi_step(self) -> bool:
-        return self.steps == "all" or isinstance(self.steps, tuple)
+        return is_multi_step(self.steps)
 
 
 @attrs.frozen(order=True)
@@ -407,30 +395,3 @@ class Plan:
         lines = [f"Plan: {self.num_layers} layers, steps {steps}, outputs {names}"]
         lines += [f"  {op!r}" for op in self.ops]
         return "\n".join(lines)
-
-
-def _as_recorded(values: Mapping[OutputKey, Any]) -> Any:
-    from nnterp.dsl.recorded import as_recorded  # it builds on OutputKey, defined here
-
-    return as_recorded(values)
-
-
-@attrs.frozen
-class Execution:
-    """What a backend returns for a plan: recorded values and generated tokens.
-
-    Args:
-        values: every recorded value, keyed by `OutputKey`: a CPU tensor, or a
-            ``(probs, token_ids)`` pair for a lens with ``top_k``. A plain mapping
-            becomes `nnterp.dsl.recorded.KeyedValues`; a batch-wide executor passes
-            `nnterp.dsl.recorded.BlockValues`, which keeps whole stacks.
-        tokens: the token ids generated for each prompt, in prompt order.
-        executor: which executor ran the plan (recorded in the run manifest).
-        stats: what the executor counted, for profiles and tests (e.g. the engine's
-            steps, chunked prompts and preemptions during the run).
-    """
-
-    values: Mapping[OutputKey, Any] = attrs.field(converter=lambda values: _as_recorded(values))
-    tokens: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda rows: tuple(tuple(map(int, r)) for r in rows))
-    executor: str
-    stats: Mapping[str, int] = attrs.field(factory=dict, kw_only=True)

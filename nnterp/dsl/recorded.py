@@ -22,7 +22,7 @@ import torch
 
 from nnterp.dsl.plan import OutputKey
 
-__all__ = ["Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded", "block_order"]
+__all__ = ["Execution", "Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded", "block_order"]
 
 
 class Recorded(Mapping):
@@ -246,3 +246,24 @@ class Recorder:
             blocks.append(Block(name, layer, self._single[(name, layer)], meta,
                                 tuple(fields) if pair else fields[0]))
         return BlockValues(blocks, self._keyed)
+
+
+@attrs.frozen
+class Execution:
+    """What a backend returns for a plan: recorded values and generated tokens.
+
+    Args:
+        values: every recorded value, keyed by `OutputKey`: a CPU tensor, or a
+            ``(probs, token_ids)`` pair for a lens with ``top_k``. A plain mapping
+            becomes `nnterp.dsl.recorded.KeyedValues`; a batch-wide executor passes
+            `nnterp.dsl.recorded.BlockValues`, which keeps whole stacks.
+        tokens: the token ids generated for each prompt, in prompt order.
+        executor: which executor ran the plan (recorded in the run manifest).
+        stats: what the executor counted, for profiles and tests (e.g. the engine's
+            steps, chunked prompts and preemptions during the run).
+    """
+
+    values: Mapping[OutputKey, Any] = attrs.field(converter=lambda values: as_recorded(values))
+    tokens: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda rows: tuple(tuple(map(int, r)) for r in rows))
+    executor: str
+    stats: Mapping[str, int] = attrs.field(factory=dict, kw_only=True)

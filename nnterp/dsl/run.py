@@ -22,15 +22,14 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from nnterp.backends.limits import DEFAULT_BACKEND, limits_for
+from nnterp.limits import DEFAULT_BACKEND, limits_for
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.lowering import lower, uses
 from nnterp.dsl.nodes import AttentionProbs, Node, Patch, Read
-from nnterp.dsl.plan import Execution, Output, OutputKey, OutputKind, Plan, Prompts, Sampling
-from nnterp.dsl.recorded import Recorded
+from nnterp.dsl.plan import Output, OutputKey, OutputKind, Plan, Prompts, Sampling
+from nnterp.dsl.recorded import Execution, Recorded
 from nnterp.dsl.results import RunResult
 from nnterp.dsl.validate import validate
-from nnterp.sites import SiteKind
 
 __all__ = ["Sampling", "RunResult", "run", "replay", "model_for"]
 
@@ -76,7 +75,7 @@ def _cache_key(name: str | os.PathLike, backend: str | None, graph: Graph | Node
     """(name, backend, attention probabilities): the model `model_for` loads for a name."""
     backend = backend or DEFAULT_BACKEND
     probs = (graph is not None and uses(as_graph(graph), AttentionProbs)
-             and SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites)
+             and limits_for(backend).reads_attention_probabilities)
     return (os.fspath(name), backend, probs)
 
 

@@ -7,7 +7,7 @@ module needs no import of it), from a transformers configuration
 (`ModelSpec.from_config`), or written by hand in tests and examples.
 
 What a backend can do is data too, declared by the backend itself in
-`nnterp.backends.limits`: `ModelSpec.limits` is that declaration, and
+`nnterp.limits`: `ModelSpec.limits` is that declaration, and
 `ModelSpec.supported` the node types it leaves, so "Grad on vLLM" is an ordinary
 validation problem, with the backend's own explanation and fix.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from nnterp.backends.limits import BACKENDS, BackendLimits, limits_for
+from nnterp.limits import BACKENDS, BackendLimits, limits_for
 from nnterp.dsl.nodes import NODE_TYPES, Node
 
 __all__ = ["ModelSpec", "supported_by", "backends_supporting"]
@@ -113,7 +113,7 @@ class ModelSpec:
 
     @property
     def limits(self) -> BackendLimits:
-        """What the backend declares it cannot do (`nnterp.backends.limits`)."""
+        """What the backend declares it cannot do (`nnterp.limits`)."""
         return limits_for(self.backend)
 
     @classmethod

@@ -9,7 +9,7 @@ Invariants checked (one rule each, registered per node type with `rule`):
   one row per patched position, and only finite numbers;
 * a ``Patch`` source site has the same width as the patched site;
 * output names are unique in the graph;
-* the backend runs the node type (its own `nnterp.backends.limits` table says why not
+* the backend runs the node type (its own `nnterp.limits` table says why not
   and what to do instead), and ``AttentionProbs`` has a model loaded with
   ``enable_attention_probs=True``;
 * ``Lens.top_k`` is at most ``vocab_size``; a ``Grad`` target is a non-empty string or
@@ -37,13 +37,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 
-from nnterp.backends.limits import BACKENDS, DEFAULT_BACKEND, limits_for
+from nnterp.limits import BACKENDS, DEFAULT_BACKEND, limits_for
 from nnterp.dsl.config_spec import spec_for_name, tokenizer_for_name
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Node, Patch, Read, Steer, Zero
 from nnterp.dsl.plan import Prompts
 from nnterp.dsl.sites import Site
 from nnterp.dsl.spec import ModelSpec, supported_by
+from nnterp.dsl.steps import includes_prompt_pass, reaches_generated_token, steer_steps, wanted_positions
 from nnterp.errors import ModelNotFoundError, NnterpError, ValidationError
 from nnterp.sites import SiteKind
 
@@ -414,26 +415,20 @@ def _steps_of(node: Node) -> Any:
     if isinstance(node, (Read, Lens)):
         return node.steps
     if isinstance(node, Steer):
-        return "all" if node.positions is None else 0
+        return steer_steps(node.positions)
     return 0
-
-
-def _includes_prompt_pass(steps: Any) -> bool:
-    return steps == "all" or steps == 0 or (isinstance(steps, tuple) and 0 in steps)
 
 
 @rule(Read, Lens)
 def _check_generation_positions(node: Any, ctx: _Context) -> Iterator[Problem]:
-    if _includes_prompt_pass(node.steps) or node.positions is None:
+    if includes_prompt_pass(node.steps) or reaches_generated_token(node.positions):
         return
-    wanted = (node.positions,) if isinstance(node.positions, int) else node.positions
-    if any(p != -1 for p in wanted):
-        yield ctx.problem(
-            f"positions={node.positions!r} at steps={node.steps!r}: each generation step's "
-            "forward pass holds only the new token (position -1), so nothing would be read",
-            "use positions=-1 (or None) for generation steps, or add step 0 to read the prompt",
-            "positions",
-        )
+    yield ctx.problem(
+        f"positions={node.positions!r} at steps={node.steps!r}: each generation step's "
+        "forward pass holds only the new token (position -1), so nothing would be read",
+        "use positions=-1 (or None) for generation steps, or add step 0 to read the prompt",
+        "positions",
+    )
 
 
 @rule(Read, Zero, Patch)
@@ -453,9 +448,9 @@ def _check_logits_positions(node: Any, ctx: _Context) -> Iterator[Problem]:
 
 @rule(Read, Lens, Zero, Patch, Steer, Grad)
 def _check_positions_in_prompts(node: Any, ctx: _Context) -> Iterator[Problem]:
-    if ctx.run is None or node.positions is None or not _includes_prompt_pass(_steps_of(node)):
+    if ctx.run is None or node.positions is None or not includes_prompt_pass(_steps_of(node)):
         return
-    wanted = (node.positions,) if isinstance(node.positions, int) else node.positions
+    wanted = wanted_positions(node.positions)
     # a prompt of n tokens has positions -n .. n-1: it must have at least `need` tokens
     need = max((p + 1 if p >= 0 else -p for p in wanted), default=0)
     if not ctx.run.prompt_lengths or min(ctx.run.prompt_lengths) >= need:
@@ -583,7 +578,7 @@ def _spec_for(model: Any, backend: str | None) -> ModelSpec:
             model,
             backend=backend,
             supported=supported_by(backend),
-            attention_probs_enabled=model.attention_probs_enabled and _has_probs(backend),
+            attention_probs_enabled=model.attention_probs_enabled and limits_for(backend).reads_attention_probabilities,
         )
     if isinstance(model, (str, os.PathLike)):
         return _name_call(model, spec_for_name, backend or DEFAULT_BACKEND)
@@ -599,10 +594,6 @@ def _spec_for(model: Any, backend: str | None) -> ModelSpec:
             "backend=None",
         )
     return spec
-
-
-def _has_probs(backend: str) -> bool:
-    return SiteKind.ATTENTION_PROBABILITIES not in limits_for(backend).sites
 
 
 def _name_call(name: Any, function: Callable[..., Any], *args: Any) -> Any:

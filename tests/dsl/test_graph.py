@@ -117,7 +117,7 @@ def _imports(path: Path) -> set[str]:
 
 
 #: The one backend module the DSL reads: each backend's declared limits, plain data.
-ALLOWED = ("nnterp.backends.limits",)
+ALLOWED = ("nnterp.limits",)
 
 
 def _forbidden(names: set[str], banned: tuple[str, ...]) -> set[str]:

@@ -63,6 +63,12 @@ class BackendLimits:
     sites: Mapping[SiteKind, Limit] = attrs.field(factory=dict, converter=_frozen_mapping)
     options: Mapping[str, Limit] = attrs.field(factory=dict, converter=_frozen_mapping)
 
+    @property
+    def reads_attention_probabilities(self) -> bool:
+        """Whether a model on this backend can be loaded so that it reads attention
+        probabilities (HF, with ``enable_attention_probs=True``)."""
+        return SiteKind.ATTENTION_PROBABILITIES not in self.sites
+
 
 _VLLM_ONLY = "a vLLM engine option"
 
