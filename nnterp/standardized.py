@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from nnterp.backends import Backend, open_backend
+from nnterp.backends.internals import is_interleaving
 from nnterp.limits import BACKENDS, DEFAULT_BACKEND, VLLM
 from nnterp.bundled import find_loadable, resolve_model_name
 from nnterp.errors import renamed_argument
@@ -441,5 +442,4 @@ def _choose_backend(backend: str | None, use_vllm: bool) -> str:
 
 
 def _inside_trace(model: StandardizedTransformer) -> bool:
-    interleaver = getattr(model._backend.model, "interleaver", None)
-    return bool(getattr(interleaver, "interleaving", False))
+    return is_interleaving(model._backend.model)

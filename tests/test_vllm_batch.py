@@ -12,6 +12,7 @@ internal the executor reads.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -140,9 +141,9 @@ def test_results_leave_the_worker_sorted_whole_and_through_shared_memory_when_la
     import glob
     import pickle
 
-    from nnterp.backends import vllm_batch
+    from nnterp.backends import vllm_transport
 
-    monkeypatch.setattr(vllm_batch, "_INLINE_BYTES", 0 if large else 1 << 30)
+    monkeypatch.setattr(vllm_transport, "_INLINE_BYTES", 0 if large else 1 << 30)
     plan = lower(Read("layers[0].output") >> Lens(layers=[1], top_k=2), SPEC)
     read, lens = (i for i, op in enumerate(plan.ops))
     rows = lambda *ps: np.array([[p, 0, 0] for p in ps])  # noqa: E731
@@ -150,9 +151,9 @@ def test_results_leave_the_worker_sorted_whole_and_through_shared_memory_when_la
     values = {read: [(data(2, 0), rows(2, 0)), (data(1,), rows(1))],
               lens: [((torch.tensor([[0.5, 0.25]]), torch.tensor([[7, 3]])), rows(0))]}
     before = set(glob.glob("/dev/shm/nnterp-*"))
-    reply = vllm_batch._ship(values, {"steps": 2})
+    reply = vllm_transport.ship(values, {"steps": 2})
     assert ("file" in pickle.loads(reply) and pickle.loads(reply)["file"] is not None) == large
-    recorded, stats = vllm_batch.read_blocks(plan, reply)
+    recorded, stats = vllm_transport.read_blocks(plan, reply)
     assert set(glob.glob("/dev/shm/nnterp-*")) == before
     assert stats == {"steps": 2}
     stack = recorded.stacked(plan.ops[read].name, None, 0, 3)
@@ -269,27 +270,74 @@ def test_one_engine_serves_nnsight_traces_and_batched_runs(vllm_models):
 
 
 def test_the_vllm_internals_the_executor_reads_are_there():
+    """The canary of `nnterp.backends.internals`: what it reads and overrides of vLLM
+    and nnsight still exists, and its functions give what the executor expects."""
     pytest.importorskip("vllm")
+    from nnsight.modeling.vllm import VLLM
+    from vllm import SamplingParams
+    from vllm.outputs import CompletionOutput, RequestOutput
     from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
     from vllm.v1.worker.gpu_input_batch import InputBatch
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from nnterp.backends.vllm_batch import ENGINE_INTERNALS
+    from nnterp.backends import internals
 
-    for name in ENGINE_INTERNALS["runner methods"]:
+    for name in (*internals.RUNNER_HOOKS, "get_model"):
         assert callable(getattr(GPUModelRunner, name, None)), f"GPUModelRunner.{name} is gone"
     assert list(inspect.signature(GPUModelRunner._prepare_inputs).parameters)[1:3] == [
         "scheduler_output", "num_scheduled_tokens"]
-    batch_source = inspect.getsource(InputBatch)
-    for name in ENGINE_INTERNALS["input batch"]:
-        assert f"self.{name}" in batch_source or f"def {name}" in batch_source, f"InputBatch.{name} is gone"
-    fields = {f.name for f in __import__("dataclasses").fields(SchedulerOutput)}
-    assert set(ENGINE_INTERNALS["scheduler output"]) <= fields
-    new_fields = {f.name for f in __import__("dataclasses").fields(NewRequestData)}
-    assert set(ENGINE_INTERNALS["new request"]) <= new_fields
     assert "discard_request_mask" in inspect.getsource(GPUModelRunner._prepare_inputs)
+    batch_source = inspect.getsource(InputBatch)
+    for name in ("req_ids", "num_reqs", "num_computed_tokens_cpu"):
+        assert f"self.{name}" in batch_source or f"def {name}" in batch_source, f"InputBatch.{name} is gone"
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"num_scheduled_tokens", "scheduled_new_reqs", "finished_req_ids", "preempted_req_ids"} <= fields
+    assert {"req_id", "sampling_params", "prompt_token_ids"} <= {f.name for f in dataclasses.fields(NewRequestData)}
+    for name in ("_WORKER_CLS", "_load_sync", "_call", "_attach_mediators", "_collect"):
+        assert hasattr(VLLM, name), f"nnsight's VLLM.{name} is gone"
+    assert issubclass(internals.engine_class(), VLLM)
     # the hook layout rides additional_config, which must stay part of the compile-cache
     # key, or a model compiled without the hooks could be loaded into a hooked engine
     from vllm.config import VllmConfig
 
     assert "additional_config" in inspect.getsource(VllmConfig.compute_hash)
+
+    # the functions, on vLLM's own types
+    assert {"max_tokens", "seed", "extra_args", "detokenize"} <= internals.sampling_params_fields()
+    params = SamplingParams(max_tokens=2, extra_args={"nnterp": ("plan", 3)})
+    new = NewRequestData(**{f.name: None for f in dataclasses.fields(NewRequestData)
+                            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+                         | {"req_id": "r0", "sampling_params": params, "prompt_token_ids": [5, 6, 7]})
+    output = SchedulerOutput(**{f.name: None for f in dataclasses.fields(SchedulerOutput)
+                                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+                             | {"scheduled_new_reqs": [new]})
+    (admitted,) = internals.new_requests(output)
+    assert (admitted.request_id, admitted.tag, admitted.prompt_length) == ("r0", ("plan", 3), 3)
+    assert tuple(internals.preempted_request_ids(output)) == ()
+    finished = RequestOutput(request_id="r0", prompt=None, prompt_token_ids=[5, 6, 7], prompt_logprobs=None,
+                             outputs=[CompletionOutput(0, "", [8, 9], None, None),
+                                      CompletionOutput(1, "", [8], None, None)], finished=True)
+    assert internals.request_token_ids(finished, pad=0).tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
+
+
+def test_private_names_of_vllm_and_nnsight_are_spelled_in_the_adapter_only():
+    """`nnterp.backends.internals` is the one place that touches vLLM's and nnsight's
+    insides: no other module of nnterp spells one of the names it wraps."""
+    import re
+    from pathlib import Path
+
+    import nnterp
+
+    names = [r"\._module\b", r"__wrapped__", r"_attach_mediators", r"\._collect\(", r"_load_sync", r"_WORKER_CLS",
+             r"_update_states", r"_prepare_inputs", r"__struct_fields__", r"\.interleaver\b", r"mock\.patch",
+             r"preempted_req_ids", r"\blogits_processor\b", r"\.compute_logits\b", r"\.max_num_tokens\b",
+             r"\.input_batch\b", r"discard_request_mask", r"scheduled_new_reqs"]
+    root = Path(nnterp.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "internals.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = re.sub(r"(#.*|``[^`]*``|`[^`]*`)", "", line)  # comments and quoted names aside
+            found += [f"{path.relative_to(root)}:{number}: {line.strip()}" for name in names if re.search(name, code)]
+    assert found == []

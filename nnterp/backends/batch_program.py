@@ -29,6 +29,7 @@ vLLM nor nnsight, so it is tested without an engine.
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Iterator
 
 import attrs
@@ -39,7 +40,7 @@ from nnterp.dsl.plan import LensOp, PatchOp, Plan, ReadOp, SteerOp, ZeroOp
 from nnterp.dsl.steps import acts_at_each, reaches_generated_token, wanted_positions
 from nnterp.sites import SiteKind
 
-__all__ = ["PlanProgram", "TokenBatch", "Capture", "VectorTable", "HOOKABLE"]
+__all__ = ["PlanProgram", "TokenBatch", "Capture", "ReadColumn", "VectorTable", "HOOKABLE"]
 
 #: The site kinds the executor hooks: every module site (logits are handled apart).
 HOOKABLE = tuple(kind for kind in SiteKind if kind.in_dsl and kind is not SiteKind.LOGITS)
@@ -117,15 +118,27 @@ class VectorTable:
         return found
 
 
+class ReadColumn(enum.IntEnum):
+    """The columns of `Capture.reads`: one row per read of a captured token."""
+
+    OP = 0  #: the op's index in the plan
+    PROMPT = 1  #: the prompt's row in the run
+    STEP = 2  #: the generation step
+    ORDER = 3  #: the row in the op's result (its position's index, or the position)
+    POSITION = 4  #: the token's absolute position
+    CAPTURE = 5  #: the token's index in `Capture.tokens` (a capture row, once placed)
+    SCALE = 6  #: ``a`` of the edit ``a * x + vector[row]`` that rebuilds what the read saw
+    VECTOR_ROW = 7  #: its vector row
+
+
 @attrs.frozen
 class Capture:
     """What one step records at one site: raw rows to capture, and the reads of them.
 
     Args:
         tokens: indices (into the step's flat batch) of the tokens captured raw.
-        reads: one entry per read of a captured token: ``(op index, prompt, step, order,
-            position, capture index, a, vector row)``, where ``capture index`` points into
-            ``tokens`` and ``(a, vector row)`` rebuilds what the read saw.
+        reads: one row per read of a captured token, float64 (which holds the indices
+            exactly), its columns named by `ReadColumn`.
     """
 
     tokens: np.ndarray
@@ -275,6 +288,7 @@ class PlanProgram:
                     if len(hit):
                         a, rows = self._edits(reset[hit], bits[hit], steer_ops)
                         where = tokens.position[hit] if order < 0 else np.full(len(hit), order)
+                        # the columns of ReadColumn, in order
                         reads.append(np.stack([np.full(len(hit), index), tokens.prompt[hit], step[hit], where,
                                                tokens.position[hit], hit, a, rows], axis=1).astype(np.float64))
                         captured[hit] = True
@@ -293,7 +307,7 @@ class PlanProgram:
             tokens_captured = np.flatnonzero(captured)
             where = np.full(n, -1, dtype=np.int64)
             where[tokens_captured] = np.arange(len(tokens_captured))
-            table[:, 5] = where[table[:, 5].astype(np.int64)]
+            table[:, ReadColumn.CAPTURE] = where[table[:, ReadColumn.CAPTURE].astype(np.int64)]
             capture = Capture(tokens_captured, table)
         return scale, rows, capture
 
@@ -312,5 +326,5 @@ def _renamed(result: Any, template: list[int], ops: list[int]) -> Any:
     lookup = np.zeros(max(template) + 1, dtype=np.float64)
     lookup[template] = ops
     reads = capture.reads.copy()
-    reads[:, 0] = lookup[reads[:, 0].astype(np.int64)]
+    reads[:, ReadColumn.OP] = lookup[reads[:, ReadColumn.OP].astype(np.int64)]
     return scale, rows, Capture(capture.tokens, reads)

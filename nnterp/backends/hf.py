@@ -23,6 +23,7 @@ import torch
 from nnterp.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
 from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
+from nnterp.backends.internals import torch_module, untraced_generate
 from nnterp.backends.interpret import generation_may_end_early, run_step
 from nnterp.backends.weights import HeadLayout, unpack
 from nnterp.dsl.plan import Plan, Prompts, Sampling
@@ -80,7 +81,7 @@ class HFBackend(Backend):
             kwargs["attn_implementation"] = "eager"
         self.enable_attention_probs = enable_attention_probs
         self.model = TransformersModel(name_or_path, task="text-generation", dispatch=True, **kwargs)
-        root = self.model._module
+        root = torch_module(self.model)
         model_type = getattr(self.model.config, "model_type", "?")
         self.paths = paths if paths is not None else paths_for(model_type, root)
         problems = missing_paths(root, self.paths)
@@ -212,7 +213,7 @@ class HFBackend(Backend):
         # nnsight's `generate` decides between "trace" and "just run" by looking for a
         # `with` statement in its caller's frame, which here is this function; open the
         # generation trace explicitly so the caller's `with` block is what gets traced.
-        run_generation = type(self.model).generate.__wrapped__.__get__(self.model)
+        run_generation = untraced_generate(self.model)
         return self.model.trace(*inputs, fn=run_generation, max_new_tokens=max_tokens, **sampling, **kwargs)
 
     def execute(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
@@ -278,7 +279,7 @@ class HFBackend(Backend):
         return logits
 
     def _locate_weight(self, ref: Any) -> Any:
-        module = resolve_path(self.model._module, ref.module)
+        module = resolve_path(torch_module(self.model), ref.module)
         tensor = getattr(module, ref.tensor, None) if module is not None else None
         return (module, tensor) if isinstance(tensor, torch.Tensor) else None
 
@@ -301,7 +302,7 @@ class HFBackend(Backend):
         """Read every accessor once on a short prompt and check what it claims
         (`nnterp.backends.load_check`). ``check=False`` skips it."""
         check_sites(self, self.model.trace, model_type=self.config.model_type,
-                    class_name=type(self.model._module).__name__, hidden=self.config.hidden_size,
+                    class_name=type(torch_module(self.model)).__name__, hidden=self.config.hidden_size,
                     n_tokens=len(self.tokenizer(PROBE_TEXT)["input_ids"]),
                     vocab=getattr(self._lm_head, "out_features", None), logits_every_position=True,
                     attention_probabilities=self.enable_attention_probs)

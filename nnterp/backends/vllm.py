@@ -52,14 +52,16 @@ import torch
 from nnterp.backends.base import Backend
 from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.interpret import generation_may_end_early, run_step
-from nnterp.limits import VLLM as VLLM_LIMITS
 from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
+from nnterp.backends.internals import (engine_class, logits_module, plain_engine_steps, sampling_params_fields,
+                                            torch_module)
 from nnterp.backends.vllm_settings import engine_environment, float32_engine_environment, without_multicast
 from nnterp.backends.weights import (META_WEIGHT_MESSAGE, HeadLayout, assemble, guard_meta_parameters,
                                      local_pieces, locate, unpack)
 from nnterp.dsl.plan import Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Execution
 from nnterp.errors import ArchitectureNotSupportedError, BackendUnsupportedError, PromptTooLongError
+from nnterp.limits import VLLM as VLLM_LIMITS
 from nnterp.rename import KNOWN_ARCHITECTURES, ModulePaths, mapping_error_message, missing_paths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
@@ -217,7 +219,7 @@ class VLLMBackend(Backend):
             CONFIG_KEY: executor_config(HOOKABLE if eager else tuple(sorted(self.graph_kinds, key=HOOKABLE.index)),
                                         paths, eager),
         }
-        engine_cls = __getattr__("NnterpVLLM")
+        engine_cls = engine_class()
         cpu = vllm_cpu.is_cpu_only()
         environment = float32_engine_environment(kwargs.get("dtype"), cpu)
         if quiet:
@@ -251,7 +253,7 @@ class VLLMBackend(Backend):
         # before them: atexit runs the handlers registered last first
         atexit.unregister(_close_at_exit)
         atexit.register(_close_at_exit)
-        root = self.model._module
+        root = torch_module(self.model)
         model_type = getattr(self.model.config, "model_type", "?")
         self.paths = paths if paths is not None else paths_for(model_type, root)
         problems = missing_paths(root, self.paths)
@@ -265,7 +267,7 @@ class VLLMBackend(Backend):
                 self.model.dispatch()
         # This process's copy of the model has shapes and no values: computing with one
         # of its weights raises an error that points to `weight` (nnterp.backends.weights).
-        guard_meta_parameters(self.model._module)
+        guard_meta_parameters(torch_module(self.model))
         untested = paths is None and model_type not in KNOWN_ARCHITECTURES
         if check and (untested or paths is not None):
             self._check_sites(model_type, type(root).__name__)
@@ -354,7 +356,7 @@ class VLLMBackend(Backend):
     def _embeddings_multiplier(self) -> torch.Tensor:
         # the engine's own buffer (in the worker, inside a trace), so the product is the
         # one the model computes, in its dtype
-        return resolve_path(self.model._module, self.paths.embeddings_multiplier)
+        return resolve_path(torch_module(self.model), self.paths.embeddings_multiplier)
 
     def add(self, kind: SiteKind, layer: int | None, delta: torch.Tensor) -> None:
         """Add ``delta`` to a site at every token, in place: one kernel, no copies.
@@ -448,7 +450,7 @@ class VLLMBackend(Backend):
 
         from vllm import SamplingParams
 
-        from nnterp.backends.vllm_batch import read_blocks
+        from nnterp.backends.vllm_transport import read_blocks
 
         llm = self.model.vllm_entrypoint
         plan_id = uuid.uuid4().hex
@@ -456,7 +458,7 @@ class VLLMBackend(Backend):
         # A prefix served from vLLM's cache is never computed, so no hook would see it, and
         # a prefix this plan edited must not be served to anyone else: with prefix caching
         # on, the run neither reads the cache nor shares what it writes (its own salt).
-        fields = getattr(SamplingParams, "__struct_fields__", ())
+        fields = sampling_params_fields()
         options = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
         if "skip_clone" in fields:
             options["skip_clone"] = True  # each request has its own params: no deep copy needed
@@ -473,7 +475,7 @@ class VLLMBackend(Backend):
         requests = [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
                     for ids, prompt in zip(token_ids, prompts)]
         try:
-            with _vllm_steps_only(llm.llm_engine):
+            with plain_engine_steps(llm.llm_engine):
                 outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
         finally:
             # always: it also uninstalls the plan, so the engine is ready for the next
@@ -518,7 +520,7 @@ class VLLMBackend(Backend):
     def project_on_vocab(self, hidden: Any) -> Any:
         # Inside a trace this runs in the worker, where the modules hold weights; outside
         # one, the client holds only a meta-device shell of the model.
-        root = self.model._module
+        root = torch_module(self.model)
         lm_head = resolve_path(root, self.paths.lm_head)
         if lm_head.weight.is_meta:
             raise BackendUnsupportedError(
@@ -537,7 +539,7 @@ class VLLMBackend(Backend):
     def _locate_weight(self, ref: Any) -> Any:
         # This process's meta copy of the model has the engine's module types and
         # packing (qkv_proj, gate_up_proj), so the weight is found here, with no RPC.
-        return locate(self.model._module, ref)
+        return locate(torch_module(self.model), ref)
 
     def _read_weight(self, ref: Any, where: Any) -> torch.Tensor:
         """Every worker's share of the tensor, put together (`nnterp.backends.weights`).
@@ -558,7 +560,7 @@ class VLLMBackend(Backend):
         return value
 
     def _read_weight_here(self, where: Any) -> torch.Tensor:
-        root = self.model._module
+        root = torch_module(self.model)
         if getattr(resolve_path(root, where.module), where.tensor).is_meta:
             raise BackendUnsupportedError("this model's engine is closed, and the weights closed with it; "
                                           "load the model again to read them")
@@ -625,7 +627,7 @@ def _unembed(root: Any, lm_head: Any, x: torch.Tensor, config_softcap: float | N
         from vllm.distributed import tensor_model_parallel_all_gather
 
         logits = tensor_model_parallel_all_gather(logits)
-    processor = getattr(root, "logits_processor", None)
+    processor = logits_module(root)
     vocab = getattr(processor, "org_vocab_size", None) or getattr(lm_head, "org_vocab_size", None)
     if vocab is not None:
         logits = logits[..., :vocab]
@@ -767,25 +769,6 @@ def _build_tracer_class() -> type:
     return NnterpVLLMTracer
 
 
-@contextlib.contextmanager
-def _vllm_steps_only(engine: Any) -> Iterator[None]:
-    """Run ``engine``'s steps as vLLM's own for the duration.
-
-    nnsight's engine (an eager engine's class) asks every worker, at each step in which
-    requests finish, for what their interventions saved: one blocking round trip per
-    step. A batched run has no nnsight requests and collects its results once at the
-    end, so while it runs the engine steps as the ``LLMEngine`` it extends.
-    """
-    own = type(engine)
-    plain = next((cls for cls in own.__mro__ if cls.__name__ == "LLMEngine" and cls.__module__.startswith("vllm.")),
-                 own)
-    engine.__class__ = plain
-    try:
-        yield
-    finally:
-        engine.__class__ = own
-
-
 def _check_prompt_length(vllm_model: Any, prompt: Any) -> None:
     """Refuse a prompt the engine cannot hold, before it becomes a request.
 
@@ -844,63 +827,13 @@ def _flatten_prompts(inputs: tuple) -> list:
     return prompts
 
 
-def _build_engine_class() -> type:
-    """nnsight's ``VLLM``, keeping the engine's outputs of the last trace.
-
-    A trace's requests come back from ``vllm.LLM.generate`` as ``RequestOutput``s in
-    submission order, holding the generated tokens; nnsight uses them to collect saves
-    and then drops them. Keeping them lets the executor read the tokens without asking
-    every request's worker for its sample at every step. The engine runs without its
-    progress bar.
-    """
-    from nnsight.modeling.vllm import VLLM
-
-    from nnterp.backends.vllm_batch import GPU_COMPILED_WORKER_CLS, GPU_WORKER_CLS
-
-    class NnterpVLLM(VLLM):
-        last_outputs: list = []
-        #: whether the engine compiles the model and replays CUDA graphs (set before
-        #: dispatch; nnsight's own engines are eager unless tapped)
-        compiled: bool = False
-        _WORKER_CLS = GPU_WORKER_CLS
-
-        def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
-            if not self.compiled:
-                return VLLM._load_sync(self, repo_id, **kwargs)
-            from vllm import LLM
-
-            # vLLM's own mode: torch.compile and CUDA graphs, with nnterp's hooks compiled
-            # in, on vLLM's own runner (nnsight builds tapped or eager engines only, and
-            # its per-module forwards cannot be compiled)
-            return LLM(repo_id, worker_cls=GPU_COMPILED_WORKER_CLS, enforce_eager=False, **kwargs)
-
-        def _call(self, prompts: list, params: list, lora_requests: list, **kwargs: Any) -> Any:
-            # nnsight's _call, without vLLM's "Processed prompts" bar: a library call
-            # should not draw on the user's terminal at every trace
-            mediators = self._attach_mediators(params, **kwargs)
-            outputs = self.vllm_entrypoint.generate(prompts, sampling_params=params,
-                                                    lora_request=lora_requests, use_tqdm=False)
-            self._collect(mediators, outputs)
-            self.last_outputs = list(outputs)
-            return outputs
-
-        def __getstate__(self) -> dict:
-            state = VLLM.__getstate__(self)
-            state.pop("last_outputs", None)  # client-side only; never sent to a worker
-            return state
-
-    NnterpVLLM.__module__ = __name__
-    NnterpVLLM.__qualname__ = "NnterpVLLM"
-    return NnterpVLLM
-
-
 _LAZY: dict[str, Any] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # Built on first use, not at import: it subclasses nnsight's VLLM, and importing
-    # that imports vLLM. A module attribute, so pickles can name it.
-    builders = {"NnterpVLLM": _build_engine_class, "NnterpVLLMTracer": _build_tracer_class}
+    # Built on first use, not at import: it subclasses nnsight's vLLM tracer, and
+    # importing that imports vLLM. A module attribute, so pickles can name it.
+    builders = {"NnterpVLLMTracer": _build_tracer_class}
     if name in builders:
         if name not in _LAZY:
             _LAZY[name] = builders[name]()

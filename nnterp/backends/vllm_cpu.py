@@ -9,28 +9,17 @@ without editing nnsight or vLLM:
    ends with ``torch.accelerator.empty_cache()``, which raises
    ``RuntimeError: Cannot access accelerator device when none is available``
    on a CPU-only torch. Nothing was allocated on any device (it is a meta
-   tree), so `cpu_meta_model_patch` turns that call into a no-op while nnsight
-   builds the tree. (vLLM's own ``CPUModelRunner`` does the same thing in the
+   tree), so `load_cpu_vllm` turns that call into a no-op while nnsight builds
+   the tree. (vLLM's own ``CPUModelRunner`` does the same thing in the
    engine process, see ``_set_torch_accelerator_to_noop``; the client process
    never gets that treatment.)
 
-2. **The worker / model runner.** nnsight hard-codes
-   ``worker_cls="nnsight...NNsightGPUWorker"`` (``VLLM._WORKER_CLS``), a
-   subclass of vLLM's *GPU* ``Worker`` that builds a ``GPUModelRunner`` and then
-   swaps its class to ``NNsightGPUModelRunner`` (and refuses any other runner
-   type). On CPU the engine must use ``CPUWorker`` (CPU device, OMP thread
-   binding, CPU KV-cache sizing) and ``CPUModelRunner`` (CPU tensors instead of
-   CUDA buffers, no CUDA events/streams). `NNsightCPUWorker` is a
-   ``CPUWorker`` that also carries nnsight's RPC methods (``collect_nnsight``,
-   ``nnsight_register``, ...) and swaps its runner to `NNsightCPUModelRunner`,
-   whose MRO is ``NNsightGPUModelRunner -> CPUModelRunner -> GPUModelRunner``:
-   nnsight's hooks (``load_model``/``_update_states``/``execute_model``/
-   ``sample_tokens``/``_sample``) wrap the CPU runner's implementation. The
-   worker class is chosen by overriding ``VLLM._WORKER_CLS`` (passing
-   ``worker_cls=`` as a kwarg to ``VLLM(...)`` collides with nnsight's own
-   keyword and raises ``TypeError``). vLLM resolves the class by qualified name
-   in a *spawned* engine process, so the classes must live in an importable
-   module (this one), never in ``__main__``.
+2. **The worker / model runner.** nnsight's worker subclasses vLLM's *GPU* worker and
+   refuses any other runner. On CPU the engine must use ``CPUWorker`` (CPU device, OMP
+   thread binding, CPU KV-cache sizing) and ``CPUModelRunner`` (CPU tensors, no CUDA
+   events or streams). nnterp's ``NnterpCPUWorker`` and ``NnterpCPUModelRunner``
+   (`nnterp.backends.internals`, beside their GPU twins) combine nnsight's hooks
+   with them, and nnterp's engine class picks them on a host without CUDA.
 
 3. **Engine arguments** (`cpu_engine_kwargs`). ``kv_cache_memory_bytes``
    must be explicit: the default sizing takes ``gpu_memory_utilization`` (0.9)
@@ -51,10 +40,8 @@ without editing nnsight or vLLM:
    than vLLM's default for the processes to exit (`SHUTDOWN_TIMEOUT_S`), so a
    slow but normal exit is not force-killed.
 
-Importing vLLM is slow and initialises its platform, so vLLM is only imported
-inside functions; the worker classes are built lazily on first attribute access
-(module ``__getattr__``), which is also how vLLM's ``resolve_obj_by_qualname``
-reaches them in the engine process.
+Importing vLLM is slow and initialises its platform, so vLLM is only imported inside
+functions.
 
 Other CPU constraints worth knowing: vLLM's CPU attention supports only some
 head sizes (32, 64, 80, 96, 112, 128, ...); ``VLLM_CPU_KVCACHE_SPACE`` (GiB),
@@ -71,16 +58,11 @@ from typing import Any, Iterator
 
 import torch
 
-WORKER_CLS = "nnterp.backends.vllm_cpu.NNsightCPUWorker"
-
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 # The engine refuses to start unless one max_model_len sequence fits the KV
 # cache; a checkpoint's full context (8192 for SmolLM2: 0.35 GiB in float32)
 # would not fit the default 256 MiB, so cap it.
 DEFAULT_MAX_MODEL_LEN = 2048
-
-_LAZY_CLASSES = ("NNsightCPUWorker", "NNsightCPUModelRunner")
-_built: dict[str, Any] = {}
 
 
 def is_cpu_only() -> bool:
@@ -93,15 +75,14 @@ def cpu_engine_kwargs(**user_kwargs: Any) -> dict[str, Any]:
 
     Defaults: float32, a 256 MiB KV cache, ``max_model_len=2048`` (must fit the
     cache), prefix caching off, eager mode.
-    Anything in ``user_kwargs`` overrides them. ``worker_cls`` is *not*
-    returned: nnsight passes its own, so it is set via `cpu_meta_model_patch`
-    instead (a ``worker_cls`` given here raises ``TypeError``).
+    Anything in ``user_kwargs`` overrides them. ``worker_cls`` is not one of
+    them: nnsight passes its own, which nnterp's engine class chooses (a
+    ``worker_cls`` given here raises ``TypeError``).
     """
     if "worker_cls" in user_kwargs:
         raise TypeError(
-            "worker_cls cannot be passed to nnsight's VLLM (it sets its own); "
-            "load through load_cpu_vllm (or inside cpu_meta_model_patch()), which selects "
-            "NNsightCPUWorker."
+            "worker_cls cannot be passed to nnsight's VLLM (it sets its own); nnterp's engine "
+            "class (nnterp.backends.internals.engine_class) picks its CPU worker itself"
         )
     kwargs: dict[str, Any] = {
         "dtype": "float32",
@@ -140,36 +121,14 @@ def _empty_cache_noop(*args: Any, **kwargs: Any) -> None:
     """Stand-in for ``torch.accelerator.empty_cache`` on a host with no accelerator."""
 
 
-@contextlib.contextmanager
-def cpu_meta_model_patch(engine_cls: Any = None) -> Iterator[None]:
-    """Context for constructing/dispatching an nnsight ``VLLM`` on CPU.
-
-    Makes ``torch.accelerator.empty_cache`` a no-op (the meta-model build calls
-    it) and points ``VLLM._WORKER_CLS`` at `NNsightCPUWorker`. Wrap the
-    ``VLLM(...)`` construction with ``dispatch=True`` (`load_cpu_vllm` does); a
-    lazily dispatched model must also dispatch inside it. Does nothing when CUDA
-    is available.
-    """
-    if not is_cpu_only():
-        yield
-        return
-    from unittest import mock
-
-    from nnsight.modeling.vllm import VLLM
-
-    with _no_accelerator_cache(), mock.patch.object(engine_cls or VLLM, "_WORKER_CLS", WORKER_CLS):
-        yield
-
-
-def load_cpu_vllm(model: str, engine_cls: Any = None, **kwargs: Any) -> Any:
-    """Build a dispatched nnsight ``VLLM`` (or ``engine_cls``, a subclass) on CPU:
-    `cpu_engine_kwargs` + patch."""
-    from nnsight.modeling.vllm import VLLM
-
+def load_cpu_vllm(model: str, engine_cls: Any, **kwargs: Any) -> Any:
+    """Build a dispatched ``engine_cls`` (nnterp's subclass of nnsight's ``VLLM``, which
+    picks the CPU worker) on CPU, with `cpu_engine_kwargs`. nnsight builds its meta
+    model of the engine while the accelerator cache is a no-op."""
     kwargs.setdefault("dispatch", True)
     bind_cpu_threads(int(kwargs.get("tensor_parallel_size") or 1))
-    with cpu_meta_model_patch(engine_cls):
-        return (engine_cls or VLLM)(model, **cpu_engine_kwargs(**kwargs))
+    with _no_accelerator_cache():
+        return engine_cls(model, **cpu_engine_kwargs(**kwargs))
 
 
 #: How long `shutdown_vllm` lets the engine's processes exit before vLLM kills them.
@@ -212,7 +171,7 @@ def _no_accelerator_cache() -> Iterator[None]:
     """``torch.accelerator.empty_cache`` as a no-op, on a CPU-only host, for the duration.
 
     vLLM empties the accelerator's cache where a CPU-only torch raises: after building
-    nnsight's meta model in this process (`cpu_meta_model_patch`), and when the worker of
+    nnsight's meta model in this process (`load_cpu_vllm`), and when the worker of
     an engine run in this process shuts down (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the
     test suite's shared engines). In a worker process vLLM's CPU runner has already made
     it a no-op. Reentrant, and safe from several threads.
@@ -238,47 +197,3 @@ def _no_accelerator_cache() -> Iterator[None]:
 _noop_lock = threading.Lock()
 _noop_depth = 0
 _saved_empty_cache: Any = None
-
-
-def _build(name: str) -> Any:
-    """Create the vLLM-dependent classes (imports vLLM)."""
-    if name in _built:
-        return _built[name]
-
-    from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
-    from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    from vllm.v1.worker.cpu_worker import CPUWorker
-
-    from nnterp.backends.vllm_batch import NnterpRunnerMixin, NnterpWorkerMixin
-
-    class NNsightCPUModelRunner(NnterpRunnerMixin, NNsightGPUModelRunner, CPUModelRunner):
-        """nnsight's intervention hooks and nnterp's batch-wide executor over vLLM's CPU
-        model runner."""
-
-    class NNsightCPUWorker(NnterpWorkerMixin, NNsightGPUWorker, CPUWorker):
-        """vLLM's CPU worker, with nnsight's and nnterp's RPCs and model runner."""
-
-        def init_device(self) -> None:
-            # Skip NNsightGPUWorker.init_device: it insists on a GPUModelRunner.
-            CPUWorker.init_device(self)
-            runner = self.model_runner
-            if type(runner) is not CPUModelRunner:
-                raise NotImplementedError(
-                    f"nnsight's CPU worker instruments vLLM's CPUModelRunner, got "
-                    f"{type(runner).__module__}.{type(runner).__name__}. Unset "
-                    "VLLM_USE_V2_MODEL_RUNNER."
-                )
-            runner.__class__ = NNsightCPUModelRunner
-
-    for cls in (NNsightCPUModelRunner, NNsightCPUWorker):
-        cls.__module__ = __name__
-        cls.__qualname__ = cls.__name__
-        _built[cls.__name__] = cls
-    return _built[name]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_CLASSES:
-        return _build(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
