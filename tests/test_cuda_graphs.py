@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nnterp import BackendUnsupportedError, StandardizedTransformer
-from nnterp.backends.vllm import VLLMBackend, graph_site_kinds
+from nnterp.backends.vllm import VLLMBackend
+from nnterp.backends.vllm_settings import graph_site_kinds
 from nnterp.backends.vllm_batch import executor_config
 from nnterp.rename import KNOWN_ARCHITECTURES
 from nnterp.sites import SiteKind

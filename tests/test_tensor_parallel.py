@@ -5,7 +5,7 @@ tensor parallelism too; nnterp gives each rank its own cores). Skipped otherwise
 
 Under TP=2 vLLM splits every linear layer and the unembedding across ranks. nnsight
 gathers split activations before a graph sees them; the unembedding behind `Lens` is
-gathered by nnterp (`nnterp.backends.vllm._unembed`). The two engines reduce in
+gathered by nnterp (`nnterp.backends.internals.unembed`). The two engines reduce in
 different orders, so values agree to rounding: float32 on CPU to 2**7 eps of each
 token's scale; bfloat16 on GPUs within the tolerance measured on two H100s (see TOLERANCES).
 """

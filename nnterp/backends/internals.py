@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "torch_module", "is_interleaving", "untraced_generate", "engine_class", "sampling_params_fields",
     "new_requests", "preempted_request_ids", "scheduled_step", "engine_model", "logits_module",
-    "compute_logits", "plain_engine_steps", "request_token_ids", "RUNNER_HOOKS", "GPU_WORKER_CLS",
+    "compute_logits", "unembed", "plain_engine_steps", "request_token_ids", "RUNNER_HOOKS", "GPU_WORKER_CLS",
     "GPU_COMPILED_WORKER_CLS", "CPU_WORKER_CLS",
 ]
 
@@ -127,6 +127,35 @@ def compute_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Ten
     """Hidden rows -> logits, as the engine computes them (the unembedding, its gather
     across tensor-parallel ranks, softcapping and scale)."""
     return model.compute_logits
+
+
+def unembed(root: Any, lm_head: Any, x: torch.Tensor, config_softcap: float | None) -> torch.Tensor:
+    """Logits over the real vocabulary, computed as vLLM's own logits processor does.
+
+    vLLM pads the unembedding to a multiple of 64 rows and, under tensor parallelism,
+    gives each rank a contiguous slice of those rows (``lm_head.weight`` is this rank's
+    slice). So: project on the local rows, all-gather the slices in rank order (every
+    rank runs this code and must reach the same collective, so an all-gather rather
+    than a gather to rank 0), then drop the padding columns, which would otherwise get
+    probability mass in a softmax. Softcapping and logit scale come from the model's
+    logits processor where it has one.
+    """
+    logits = torch.nn.functional.linear(x, lm_head.weight, getattr(lm_head, "bias", None))
+    if getattr(lm_head, "tp_size", 1) > 1:
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        logits = tensor_model_parallel_all_gather(logits)
+    processor = logits_module(root)
+    vocab = getattr(processor, "org_vocab_size", None) or getattr(lm_head, "org_vocab_size", None)
+    if vocab is not None:
+        logits = logits[..., :vocab]
+    softcap = getattr(processor, "soft_cap", None) if processor is not None else config_softcap
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    scale = getattr(processor, "scale", 1.0)
+    if scale != 1.0:
+        logits = logits * scale
+    return logits
 
 
 def reports_results() -> bool:

@@ -6,11 +6,12 @@ dispatched and copy the client's environment at that moment. So these settings a
 applied around the dispatch (`engine_environment`) and the client's environment is
 restored afterwards: loading a model does not change the process that loaded it.
 
-Two settings live here:
+Three settings live here:
 
 * float32 on a GPU computes in float32 (`float32_engine_environment`);
 * ``nvlink_multicast=False`` keeps a tensor-parallel engine off NVLink multicast
-  (`without_multicast`).
+  (`without_multicast`);
+* ``cuda_graphs=`` names the sites a compiled engine hooks (`graph_site_kinds`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import copy
 import os
 from typing import Any, Iterator
 
+from nnterp.backends.batch_program import HOOKABLE
+from nnterp.sites import SiteKind
+
 __all__ = [
+    "DEFAULT_GRAPH_SITES",
+    "graph_site_kinds",
     "FLOAT32_ENVIRONMENT",
     "NO_MULTICAST_ENVIRONMENT",
     "engine_environment",
@@ -140,3 +146,24 @@ def engine_environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+#: What ``cuda_graphs=True`` serves: the residual stream after every layer, which is
+#: what `Steer`, `Lens` and most reads touch. Each served site adds a few kernels per
+#: layer to the compiled graph, so name only the ones a workload touches.
+DEFAULT_GRAPH_SITES = ("layers_output",)
+
+
+def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
+    """The site kinds a ``cuda_graphs=`` setting serves; ``None`` for an eager engine."""
+    if cuda_graphs is False or cuda_graphs is None:
+        return None
+    names = DEFAULT_GRAPH_SITES if cuda_graphs is True else (
+        (cuda_graphs,) if isinstance(cuda_graphs, str) else tuple(cuda_graphs))
+    valid = {kind.value: kind for kind in HOOKABLE}
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise ValueError(
+            f"cuda_graphs={cuda_graphs!r}: give True or site names among {', '.join(valid)} "
+            f"(unknown: {', '.join(map(repr, unknown)) or 'none given'})")
+    return frozenset(valid[name] for name in names)
