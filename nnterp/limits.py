@@ -82,6 +82,10 @@ HF = BackendLimits(
                                       "load with backend='vllm' to use it, or pass device_map='auto'"),
         "nvlink_multicast": Limit(f"{_VLLM_ONLY}; transformers runs no collective across GPUs",
                                   "load with backend='vllm' to use it, or leave it out"),
+        "vector_rows": Limit(f"{_VLLM_ONLY}, sizing its batched executor; transformers has no such table",
+                             "load with backend='vllm' to use it, or leave it out"),
+        "capture_bytes": Limit(f"{_VLLM_ONLY}, sizing its batched executor; transformers has no such buffer",
+                               "load with backend='vllm' to use it, or leave it out"),
     },
 )
 

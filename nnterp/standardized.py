@@ -139,6 +139,17 @@ class StandardizedTransformer:
         return self._backend.max_model_len
 
     @property
+    def served_sites(self) -> frozenset[SiteKind] | None:
+        """The site kinds a graph may touch on this model: those a CUDA-graph engine
+        hooked (``cuda_graphs=[...]``), or None for every site."""
+        return self._backend.served_sites
+
+    @property
+    def vector_rows(self) -> int | None:
+        """How many edit vectors a plan may use at once (vLLM's batched executor), or None."""
+        return self._backend.vector_rows
+
+    @property
     def config(self):
         return self._backend.config
 

@@ -14,7 +14,7 @@ import torch
 from nnterp import BackendUnsupportedError, StandardizedTransformer
 from nnterp.backends.vllm import VLLMBackend
 from nnterp.backends.vllm_settings import graph_site_kinds
-from nnterp.backends.vllm_batch import executor_config
+from nnterp.backends.vllm_settings import executor_config
 from nnterp.rename import KNOWN_ARCHITECTURES
 from nnterp.sites import SiteKind
 from backend_settings import engine_kwargs

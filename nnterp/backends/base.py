@@ -64,6 +64,17 @@ class Backend:
         enforces a limit (a vLLM engine's ``max_model_len``); None where it does not."""
         return None
 
+    @property
+    def served_sites(self) -> frozenset[SiteKind] | None:
+        """The site kinds plans may touch (a CUDA-graph engine's hooked sites), or None
+        for every site."""
+        return None
+
+    @property
+    def vector_rows(self) -> int | None:
+        """Rows of the executor's table of edit vectors, where it has one."""
+        return None
+
     def _module_envoy(self, kind: SiteKind, layer: int | None):
         """The nnsight envoy of the module whose output (or input) is the site."""
         from nnterp.rename import resolve_path

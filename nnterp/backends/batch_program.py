@@ -112,7 +112,9 @@ class VectorTable:
         if found is not None:
             return found
         if len(self._rows) + 1 >= self.capacity:
-            raise OverflowError(f"the plan's edits need more than {self.capacity} distinct vectors")
+            raise OverflowError(
+                f"the plan's edits need more than {self.capacity} distinct vectors; load the model with "
+                f"a larger table, StandardizedTransformer(..., backend='vllm', vector_rows=N)")
         found = self._rows[key] = len(self._rows) + 1
         self._write_row(found, vector())
         return found

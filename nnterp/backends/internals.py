@@ -230,7 +230,8 @@ class NnterpRunnerMixin:
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
-        from nnterp.backends.vllm_batch import CONFIG_KEY, StepEngine
+        from nnterp.backends.vllm_batch import StepEngine
+        from nnterp.backends.vllm_settings import CONFIG_KEY
 
         config = (self.vllm_config.additional_config or {}).get(CONFIG_KEY)
         self.nnterp = None

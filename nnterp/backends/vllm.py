@@ -89,6 +89,12 @@ class VLLMBackend(Backend):
             a GPU engine off NVLink multicast, for hosts where it is switched off or must
             not be used: vLLM 0.26 at ``tensor_parallel_size > 1`` otherwise picks a
             multicast all-reduce (see `nnterp.backends.vllm_settings`). No effect on CPU.
+        check: run the load check of the sites (`nnterp.backends.load_check`) for a
+            family nnterp guessed or the user's own ``paths``.
+        vector_rows: rows of the batched executor's table of edit vectors: how many
+            distinct steering and patch vectors (and their compositions) one plan may use.
+        capture_bytes: the batched executor's capture buffer: how many activation rows
+            one engine step may read (at least one step's tokens).
         **kwargs: engine arguments (``dtype``, ``max_model_len``,
             ``tensor_parallel_size``, ``gpu_memory_utilization``, ...). On CPU, defaults
             from `nnterp.backends.vllm_cpu.cpu_engine_kwargs` fill what is not given.
@@ -98,12 +104,13 @@ class VLLMBackend(Backend):
 
     def __init__(self, name_or_path: str, *, paths: ModulePaths | None = None, cuda_graphs: Any = False,
                  dsl_executor: str = "batched", nvlink_multicast: bool = True, quiet: bool = False,
-                 check: bool = True, **kwargs: Any) -> None:
+                 check: bool = True, vector_rows: int = 256, capture_bytes: int = 256 * 1024 * 1024,
+                 **kwargs: Any) -> None:
         # nnsight refuses vLLM's V2 model runner; make the default explicit so a user's
         # environment cannot pick it.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         from nnterp.backends import vllm_cpu
-        from nnterp.backends.vllm_batch import CONFIG_KEY, executor_config
+        from nnterp.backends.vllm_settings import CONFIG_KEY, executor_config
 
         self.graph_kinds = graph_site_kinds(cuda_graphs)
         if dsl_executor not in ("batched", "nnsight"):
@@ -113,6 +120,7 @@ class VLLMBackend(Backend):
                 "dsl_executor='nnsight' needs an eager engine (nnsight's interventions run in Python "
                 "between modules); drop cuda_graphs, or use the batched executor")
         self.dsl_executor = dsl_executor
+        self._vector_rows = int(vector_rows)
         if "enforce_eager" in kwargs:
             raise TypeError("enforce_eager is set by nnterp: pass cuda_graphs=True (or site names) to "
                             "replay CUDA graphs, or leave it out for an eager engine")
@@ -128,7 +136,7 @@ class VLLMBackend(Backend):
         kwargs["additional_config"] = {
             **(kwargs.get("additional_config") or {}),
             CONFIG_KEY: executor_config(HOOKABLE if eager else tuple(sorted(self.graph_kinds, key=HOOKABLE.index)),
-                                        paths, eager),
+                                        paths, eager, vector_rows=self._vector_rows, capture_bytes=int(capture_bytes)),
         }
         engine_cls = engine_class()
         cpu = vllm_cpu.is_cpu_only()
@@ -213,6 +221,14 @@ class VLLMBackend(Backend):
         return self._num_layers
 
     # -- reading and writing ---------------------------------------------------------
+
+    @property
+    def served_sites(self) -> frozenset[SiteKind] | None:
+        return self.graph_kinds if self.graph_kinds is None else self.graph_kinds | {SiteKind.LOGITS}
+
+    @property
+    def vector_rows(self) -> int | None:
+        return self._vector_rows if self.dsl_executor == "batched" else None
 
     def served(self, kind: SiteKind) -> bool:
         """Whether this engine serves ``kind`` (a CUDA-graph engine serves only its hooked sites)."""

@@ -47,44 +47,13 @@ import numpy as np
 import torch
 
 from nnterp.backends.batch_program import HOOKABLE, PlanProgram, ReadColumn, TokenBatch, VectorTable
-from nnterp.backends.vllm_hooks import DeviceState, after_module, before_layer
+from nnterp.backends.vllm_hooks import DeviceState, Staging, after_module, before_layer
 from nnterp.backends.vllm_transport import host_empty, ship, to_host, upload
 from nnterp.dsl.plan import LensOp, PatchOp, Plan, ZeroOp
 from nnterp.rename import ModulePaths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
-__all__ = ["CONFIG_KEY", "executor_config", "NewRequest", "ScheduledStep", "StepEngine"]
-
-#: The ``additional_config`` key that carries the hook layout to the workers.
-CONFIG_KEY = "nnterp_executor"
-#: Version of the hook layout, part of vLLM's compile-cache key.
-LAYOUT_VERSION = 1
-
-def executor_config(kinds: tuple[SiteKind, ...], paths: ModulePaths | None, eager: bool,
-                    vector_rows: int = 256, capture_bytes: int = 256 * 1024 * 1024) -> dict:
-    """The ``additional_config`` entry that makes nnterp's worker hook ``kinds``.
-
-    Args:
-        kinds: the site kinds to hook at every layer.
-        paths: the module paths, or None to find them from the model type.
-        eager: whether the engine runs eagerly (hooks may then skip idle sites).
-        vector_rows: rows of the edit-vector table.
-        capture_bytes: size of the capture buffer.
-    """
-    import attrs
-
-    return {
-        "version": LAYOUT_VERSION,
-        "sites": [kind.value for kind in kinds],
-        "paths": None if paths is None else attrs.asdict(paths),
-        "eager": eager,
-        "vector_rows": vector_rows,
-        "capture_bytes": capture_bytes,
-    }
-
-
-# -- the device side ---------------------------------------------------------------------
-
+__all__ = ["NewRequest", "ScheduledStep", "StepEngine"]
 
 # -- what the runner hands over ----------------------------------------------------------
 
@@ -170,31 +139,6 @@ class _PlanRun:
         self.values.setdefault(index, []).append((value, meta))
 
 
-class _Staging:
-    """Host copies of the per-token tables, filled each step and copied to the device."""
-
-    def __init__(self, sites: int, tokens: int, dump: torch.Tensor, pin: bool) -> None:
-        self.scale = torch.ones(sites, tokens, dtype=torch.float32, pin_memory=pin)
-        self.row = torch.zeros(sites, tokens, dtype=torch.long, pin_memory=pin)
-        self.dest = dump.repeat(sites, 1)
-        if pin:
-            self.dest = self.dest.pin_memory()
-        self.copied = torch.cuda.Event() if pin else None
-        #: sites whose rows here are not neutral
-        self.dirty: set[int] = set()
-        #: site -> what its rows here hold, where that can be named (a constant steer:
-        #: its row, the step's width and which tokens are the plan's); absent otherwise.
-        #: Decoding repeats the same tables step after step: a site that holds them
-        #: already is not rewritten.
-        self.held: dict[int, tuple] = {}
-
-    def neutral(self, site: int, dump: torch.Tensor) -> None:
-        self.scale[site].fill_(1.0)
-        self.row[site].zero_()
-        self.dest[site].copy_(dump)
-        self.held.pop(site, None)
-
-
 class StepEngine:
     """nnterp's state in one worker: the hooked sites, the tables, the installed plan."""
 
@@ -271,9 +215,9 @@ class StepEngine:
         self.dump = capacity + torch.arange(n_tokens)
         # two staging sets, used in turn: the host fills one while the copy from the
         # other may still be in flight, so a step never waits for the previous one
-        self.stages = [_Staging(n_sites, n_tokens, self.dump, pin) for _ in range(2 if pin else 1)]
+        self.stages = [Staging(n_sites, n_tokens, self.dump, pin) for _ in range(2 if pin else 1)]
         self.turn = 0
-        #: what the device's tables hold, as a `_Staging.held` of every touched site, or
+        #: what the device's tables hold, as a `Staging.held` of every touched site, or
         #: None when that cannot be named: equal contents need no copy
         self.device_holds: dict[int, tuple] | None = {}
 
@@ -332,7 +276,7 @@ class StepEngine:
         stage.dirty = touched
         self.dirty = touched
 
-    def _take_stage(self) -> "_Staging":
+    def _take_stage(self) -> "Staging":
         """The staging set to fill this step, once its copy of two steps ago has left it."""
         stage = self.stages[self.turn]
         self.turn = (self.turn + 1) % len(self.stages)
@@ -340,7 +284,7 @@ class StepEngine:
             stage.copied.synchronize()
         return stage
 
-    def _write_sites(self, run: _PlanRun, stage: _Staging, tokens: TokenBatch, recorded: np.ndarray,
+    def _write_sites(self, run: _PlanRun, stage: Staging, tokens: TokenBatch, recorded: np.ndarray,
                      n: int) -> set[int]:
         """Write each site's edit and capture rows of this step into ``stage``, and note
         its reads; the sites touched."""
@@ -408,7 +352,7 @@ class StepEngine:
                     if actions:
                         self.sampling.append((row, prompt_row, step, actions))
 
-    def _copy_tables(self, stage: _Staging, touched: set[int]) -> None:
+    def _copy_tables(self, stage: Staging, touched: set[int]) -> None:
         """Copy the staged tables to the device, whole (a few MB; the device never sees a
         stale row), unless the device holds the same already (steady decoding)."""
         nameable = all(site in stage.held for site in touched)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DeviceState", "after_module", "before_layer"]
+__all__ = ["DeviceState", "Staging", "after_module", "before_layer"]
 
 
 class DeviceState(torch.nn.Module):
@@ -105,3 +105,29 @@ def before_layer(site: int, module: torch.nn.Module, args: tuple, kwargs: dict) 
         hidden, residual = _split((tensors[at], residual))
     _apply(state, site, hidden, residual)
     return None
+
+
+class Staging:
+    """Host copies of `DeviceState`'s per-token tables, filled each step and copied to
+    the device."""
+
+    def __init__(self, sites: int, tokens: int, dump: torch.Tensor, pin: bool) -> None:
+        self.scale = torch.ones(sites, tokens, dtype=torch.float32, pin_memory=pin)
+        self.row = torch.zeros(sites, tokens, dtype=torch.long, pin_memory=pin)
+        self.dest = dump.repeat(sites, 1)
+        if pin:
+            self.dest = self.dest.pin_memory()
+        self.copied = torch.cuda.Event() if pin else None
+        #: sites whose rows here are not neutral
+        self.dirty: set[int] = set()
+        #: site -> what its rows here hold, where that can be named (a constant steer:
+        #: its row, the step's width and which tokens are the plan's); absent otherwise.
+        #: Decoding repeats the same tables step after step: a site that holds them
+        #: already is not rewritten.
+        self.held: dict[int, tuple] = {}
+
+    def neutral(self, site: int, dump: torch.Tensor) -> None:
+        self.scale[site].fill_(1.0)
+        self.row[site].zero_()
+        self.dest[site].copy_(dump)
+        self.held.pop(site, None)

@@ -11,7 +11,9 @@ Three settings live here:
 * float32 on a GPU computes in float32 (`float32_engine_environment`);
 * ``nvlink_multicast=False`` keeps a tensor-parallel engine off NVLink multicast
   (`without_multicast`);
-* ``cuda_graphs=`` names the sites a compiled engine hooks (`graph_site_kinds`).
+* ``cuda_graphs=`` names the sites a compiled engine hooks (`graph_site_kinds`);
+* the executor's layout, carried to the workers in ``additional_config``
+  (`executor_config`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import os
 from typing import Any, Iterator
 
 from nnterp.backends.batch_program import HOOKABLE
+from nnterp.rename import ModulePaths
 from nnterp.sites import SiteKind
 
 __all__ = [
+    "CONFIG_KEY",
+    "executor_config",
     "DEFAULT_GRAPH_SITES",
     "graph_site_kinds",
     "FLOAT32_ENVIRONMENT",
@@ -167,3 +172,34 @@ def graph_site_kinds(cuda_graphs: Any) -> frozenset[SiteKind] | None:
             f"cuda_graphs={cuda_graphs!r}: give True or site names among {', '.join(valid)} "
             f"(unknown: {', '.join(map(repr, unknown)) or 'none given'})")
     return frozenset(valid[name] for name in names)
+
+
+#: The ``additional_config`` key that carries the hook layout to the workers.
+CONFIG_KEY = "nnterp_executor"
+#: Version of the hook layout, part of vLLM's compile-cache key.
+LAYOUT_VERSION = 1
+
+def executor_config(kinds: tuple[SiteKind, ...], paths: ModulePaths | None, eager: bool,
+                    vector_rows: int = 256, capture_bytes: int = 256 * 1024 * 1024) -> dict:
+    """The ``additional_config`` entry that makes nnterp's worker hook ``kinds``.
+
+    Args:
+        kinds: the site kinds to hook at every layer.
+        paths: the module paths, or None to find them from the model type.
+        eager: whether the engine runs eagerly (hooks may then skip idle sites).
+        vector_rows: rows of the edit-vector table.
+        capture_bytes: size of the capture buffer.
+    """
+    import attrs
+
+    return {
+        "version": LAYOUT_VERSION,
+        "sites": [kind.value for kind in kinds],
+        "paths": None if paths is None else attrs.asdict(paths),
+        "eager": eager,
+        "vector_rows": vector_rows,
+        "capture_bytes": capture_bytes,
+    }
+
+
+# -- the device side ---------------------------------------------------------------------

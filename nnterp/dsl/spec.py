@@ -22,8 +22,9 @@ from typing import Any
 
 import attrs
 
-from nnterp.limits import BACKENDS, BackendLimits, limits_for
 from nnterp.dsl.nodes import NODE_TYPES, Node
+from nnterp.limits import BACKENDS, BackendLimits, limits_for
+from nnterp.sites import SiteKind
 
 __all__ = ["ModelSpec", "supported_by", "backends_supporting"]
 
@@ -104,6 +105,12 @@ class ModelSpec:
     #: the most tokens (prompt plus generated) one sequence may hold, where the backend
     #: enforces it (a vLLM engine); None: no limit known
     max_model_len: int | None = attrs.field(default=None, kw_only=True)
+    #: the site kinds the engine serves (a CUDA-graph engine: those it hooked when it
+    #: was compiled); None: every site
+    served_sites: frozenset[SiteKind] | None = attrs.field(
+        default=None, kw_only=True, converter=lambda kinds: None if kinds is None else frozenset(kinds))
+    #: rows of the engine's table of edit vectors (vLLM's batched executor); None: no limit
+    vector_rows: int | None = attrs.field(default=None, kw_only=True)
     supported: frozenset[type[Node]] = attrs.field(
         default=attrs.Factory(lambda self: supported_by(self.backend), takes_self=True),
         converter=frozenset,
@@ -121,7 +128,8 @@ class ModelSpec:
         """Snapshot a loaded `StandardizedTransformer` (or anything with its attributes).
 
         Reads ``num_layers``, ``hidden_size``, ``num_heads``, ``vocab_size``, ``backend``,
-        and ``attention_probs_enabled`` when present.
+        and, when present, ``attention_probs_enabled`` and the engine's limits:
+        ``max_model_len``, ``served_sites`` and ``vector_rows``.
 
         Raises:
             TypeError: ``model`` lacks one of those attributes.
@@ -145,6 +153,8 @@ class ModelSpec:
             backend=model.backend,
             attention_probs_enabled=bool(probs),
             max_model_len=getattr(model, "max_model_len", None),
+            served_sites=getattr(model, "served_sites", None),
+            vector_rows=getattr(model, "vector_rows", None),
         )
 
     @classmethod

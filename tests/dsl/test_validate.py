@@ -258,7 +258,6 @@ def test_problem_fields_equality_and_text():
     b = Problem("nodes[0] Read", "bad", "do this", 0)
     assert a == b and hash(a) == hash(b)  # the node is not part of equality
     assert str(a) == "nodes[0] Read: bad; fix: do this"
-    assert a.message == "bad; do this"
     with pytest.raises(AttributeError):
         a.what = "x"
 
@@ -371,3 +370,30 @@ def test_a_prompt_and_its_generation_past_the_context_is_a_problem_listing_each_
     # no limit known (HF, or a spec without one): nothing to check
     unlimited = attrs.evolve(spec, max_model_len=None)
     assert problems(Graph([Read("layers[0].output")]), unlimited, RunFacts(prompt_lengths=(500,), max_tokens=99)) == ()
+
+
+def test_engine_limits_in_the_spec_are_checked_before_anything_runs():
+    """A CUDA-graph engine's sites and the executor's vector table are part of the
+    model's description: a graph past them is refused by validation, with every problem
+    at once, instead of failing mid-run."""
+    from nnterp.sites import SiteKind
+
+    spec = ModelSpec(num_layers=4, hidden_size=8, num_heads=2, vocab_size=100, backend="vllm",
+                     served_sites={SiteKind.LAYERS_OUTPUT, SiteKind.LOGITS}, vector_rows=3)
+    graph = (Read("mlps[0].output") >> Steer(1, [1.0] * 8) >> Steer(2, [2.0] * 8) >> Steer(3, [3.0] * 8)
+             >> Read("logits") >> Lens(top_k=2))
+    with pytest.raises(ValidationError) as caught:
+        validate(graph, spec)
+    found = caught.value.problems
+    assert [p.where for p in found] == ["nodes[0] Read.site", "graph"]
+    assert "mlps_output is not served by this CUDA-graph engine" in found[0].what
+    assert "cuda_graphs=['layers_output', 'logits', 'mlps_output']" in found[0].fix
+    assert "need at least 3 rows" in found[1].what and "vector_rows=4" in found[1].fix
+    assert validate(Read("layers[0].output") >> Steer(1, [1.0] * 8), spec) is spec
+
+
+def test_a_node_a_backend_lacks_names_the_backends_that_run_it():
+    spec = ModelSpec(num_layers=4, hidden_size=8, num_heads=2, vocab_size=100, backend="vllm")
+    with pytest.raises(ValidationError) as caught:
+        validate(Grad("layers[1].output", 3), spec)
+    assert "it runs on 'hf'" in caught.value.problems[0].what
