@@ -328,7 +328,7 @@ class StandardizedTransformer:
         ``o``, ``q_norm``, ``k_norm``), ``"layers[i].attention_output_norm"``,
         ``"layers[i].mlp_norm"``, ``"layers[i].mlp.gate"`` (``up``, ``down``) and
         ``"layers[i].mlp_output_norm"``; ``"<name>.bias"`` is the bias of the same
-        module, where it has one (`nnterp.rename.LAYER_WEIGHTS` says what each is). A
+        module, where it has one (`nnterp.weight_map.LAYER_WEIGHTS` says what each is). A
         negative layer index counts from the last layer.
 
         The layout is Hugging Face's, whatever the backend stores: a linear weight is

@@ -19,7 +19,7 @@ import nnterp.dsl
 
 MODULES = ["nnterp.dsl"] + sorted(
     info.name for info in pkgutil.walk_packages(nnterp.dsl.__path__, prefix="nnterp.dsl.")) + [
-    "nnterp.rename", "nnterp.backends.weights"]
+    "nnterp.rename", "nnterp.weight_map", "nnterp.backends.weights"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -18,7 +18,8 @@ import torch
 
 from nnterp import BackendUnsupportedError
 from nnterp.backends.weights import HeadLayout, assemble, unpack
-from nnterp.rename import KNOWN_ARCHITECTURES, weight_ref
+from nnterp.rename import KNOWN_ARCHITECTURES
+from nnterp.weight_map import weight_ref
 
 PROMPT = "The capital of France is"
 

@@ -119,8 +119,8 @@ class Backend:
 
     def weight_names(self) -> list[str]:
         """The standardized names of this model's weights, in forward order (see
-        `nnterp.rename.weight_refs`): those whose module and tensor this backend's model has."""
-        from nnterp.rename import weight_refs
+        `nnterp.weight_map.weight_refs`): those whose module and tensor this backend's model has."""
+        from nnterp.weight_map import weight_refs
 
         return [ref.name for ref in weight_refs(self.paths, self.model_type, self.num_layers)
                 if self._locate_weight(ref) is not None]
@@ -135,7 +135,7 @@ class Backend:
             IndexError: a layer index out of range.
             NotImplementedError: a per-layer weight of a family nnterp does not map.
         """
-        from nnterp.rename import unknown_weight_message, weight_ref
+        from nnterp.weight_map import unknown_weight_message, weight_ref
 
         if not isinstance(name, str):
             raise TypeError(f"weight(...) takes a weight name (str), got {type(name).__name__}")
@@ -146,7 +146,7 @@ class Backend:
         return self._read_weight(ref, where)
 
     def _locate_weight(self, ref: Any) -> Any:
-        """Where this backend's model keeps a `nnterp.rename.WeightRef`, in whatever form
+        """Where this backend's model keeps a `nnterp.weight_map.WeightRef`, in whatever form
         `_read_weight` takes; None when the model has no such tensor."""
         raise NotImplementedError
 

@@ -1,6 +1,6 @@
 """Reading weights by standardized name: unpacking, vLLM's shards, and the client's meta copy.
 
-`nnterp.rename.weight_ref` says where a standardized weight (``"layers[3].attention.q"``)
+`nnterp.weight_map.weight_ref` says where a standardized weight (``"layers[3].attention.q"``)
 lives in a Hugging Face module tree. What it takes to read it there differs by backend:
 
 1. **Hugging Face** holds the tensor itself. Some families pack several projections
@@ -33,7 +33,8 @@ import attrs
 import torch
 
 from nnterp.errors import BackendUnsupportedError
-from nnterp.rename import WeightRef, resolve_path
+from nnterp.rename import resolve_path
+from nnterp.weight_map import WeightRef
 
 __all__ = ["HeadLayout", "unpack", "EngineWeight", "locate", "local_pieces", "assemble", "MetaParameter",
            "MetaTensor", "guard_meta_parameters", "META_WEIGHT_MESSAGE"]
@@ -62,7 +63,7 @@ class HeadLayout:
 
 def unpack(tensor: torch.Tensor, packing: str, part: int, heads: HeadLayout) -> torch.Tensor:
     """Part ``part`` of a packed module's weight or bias (output rows first), laid out
-    as `nnterp.rename.WeightSource` describes ``packing``.
+    as `nnterp.weight_map.WeightSource` describes ``packing``.
 
     Example:
         >>> w = torch.arange(8.0).reshape(8, 1)        # q: 4 rows, k: 2, v: 2
