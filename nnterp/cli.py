@@ -127,7 +127,7 @@ def _load_and_run(args: argparse.Namespace, graph, prompts: list[str], sampling)
     """Validate ``graph`` against the model's configuration (fast, before any weight is
     read), load the model `run` would load, and run: ``(model, result)``."""
     from nnterp.dsl import run, validate
-    from nnterp.dsl.run import model_for
+    from nnterp.dsl.running import model_for
     from nnterp.errors import NnterpError, ValidationError
 
     try:

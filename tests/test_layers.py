@@ -59,3 +59,13 @@ def test_importing_the_dsl_loads_no_backend():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_run_is_the_function_whichever_import_comes_first():
+    """The module that defines ``run`` is ``nnterp.dsl.running``, so importing it binds no
+    package attribute ``run`` that would hide the function."""
+    code = ("import nnterp.dsl.running; from nnterp.dsl import run, replay, RunResult; "
+            "print(callable(run), run.__module__, replay.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "nnterp.dsl.running", "nnterp.dsl.running"]

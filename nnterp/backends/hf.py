@@ -24,7 +24,7 @@ from nnterp.limits import HF as HF_LIMITS
 from nnterp.backends.base import Backend
 from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
 from nnterp.backends.internals import torch_module, untraced_generate
-from nnterp.backends.interpret import generation_may_end_early, run_step
+from nnterp.backends.interpret import RunScratch, generation_may_end_early, run_step
 from nnterp.backends.weights import HeadLayout, unpack
 from nnterp.dsl.plan import Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Execution, Recorder
@@ -232,7 +232,7 @@ class HFBackend(Backend):
         pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
         rows = list(range(len(prompts)))
         store = Recorder()
-        scratch: dict = {}
+        scratch = RunScratch()
         if plan.needs_grad:
             with torch.enable_grad(), self.trace(batch):
                 run_step(self, plan, 0, rows, pads, store, scratch)

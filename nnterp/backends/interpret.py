@@ -1,11 +1,15 @@
 """Run the ops of a lowered plan during one forward pass, through a backend's read/write.
 
-This is the body both backends' executors call inside their nnsight traces: on HF in
-the thread that nnsight runs beside the model, on vLLM inside the engine's worker
-(so this module must stay importable there and everything it receives picklable).
-It sees activations only through `Backend.read` / `Backend.write`, in the
-standardized ``[rows, tokens, width]`` layout, which is why one interpreter serves
-both backends: HF gives a left-padded batch of prompts, vLLM one prompt per invoke.
+This is the body the nnsight-based executors call inside their traces: HF's, in the
+thread that nnsight runs beside the model, and vLLM's ``dsl_executor="nnsight"``, inside
+the engine's worker (so this module must stay importable there and everything it
+receives picklable). It sees activations only through `Backend.read` /
+`Backend.write`, in the standardized ``[rows, tokens, width]`` layout: HF gives a
+left-padded batch of prompts, vLLM one prompt per invoke. vLLM's default executor does
+not come here: `nnterp.backends.batch_program` turns a plan into the per-step tables
+its hooks read (`nnterp.backends.vllm_execute` says which serves what). The nnsight path
+stays as the reference the batched executor is tested against, op for op, and for
+engines where its Python between modules is wanted.
 
 Positions are the prompt's own token indices. In a left-padded HF batch a
 non-negative position ``p`` of row ``b`` is column ``pads[b] + p``; a negative one
@@ -43,7 +47,7 @@ from nnterp.dsl.recorded import Recorder
 from nnterp.dsl.steps import reaches_generated_token, wanted_positions
 from nnterp.sites import SiteKind
 
-__all__ = ["run_step", "generation_may_end_early"]
+__all__ = ["RunScratch", "run_step", "generation_may_end_early"]
 
 
 @contextlib.contextmanager
@@ -139,13 +143,25 @@ def _keep(value: torch.Tensor) -> torch.Tensor:
     return value.detach().as_subclass(torch.Tensor).to("cpu", non_blocking=True, copy=True)
 
 
+class RunScratch:
+    """What one run keeps across its steps, by name: each always-on steer's vector,
+    moved to the device once (by node index), and each activation captured for a
+    gradient until the gradient op takes it (by op name)."""
+
+    __slots__ = ("steer_deltas", "grad_captures")
+
+    def __init__(self) -> None:
+        self.steer_deltas: dict[int, torch.Tensor] = {}
+        self.grad_captures: dict[str, torch.Tensor] = {}
+
+
 class _Pass:
     """One forward pass of one batch: what every op function needs besides its op."""
 
     __slots__ = ("backend", "step", "rows", "pads", "store", "scratch")
 
     def __init__(self, backend: Any, step: int, rows: list[int], pads: list[int], store: Any,
-                 scratch: dict) -> None:
+                 scratch: RunScratch) -> None:
         self.backend, self.step, self.rows, self.pads = backend, step, rows, pads
         self.store, self.scratch = store, scratch
 
@@ -163,7 +179,7 @@ class _Pass:
 
 
 def run_step(backend: Any, plan: Plan, step: int, rows: list[int], pads: list[int], store: Any,
-             scratch: dict) -> None:
+             scratch: RunScratch) -> None:
     """Apply every op of ``plan`` active at generation ``step`` to this forward pass.
 
     Args:
@@ -174,8 +190,7 @@ def run_step(backend: Any, plan: Plan, step: int, rows: list[int], pads: list[in
         pads: the left padding of each batch row.
         store: where results go: a `Recorder` (whole batches), or a dict keyed by
             `OutputKey` (one request at a time, in nnsight's vLLM worker).
-        scratch: state kept across the steps of one run: activations captured for
-            gradients (until the gradient op), steering vectors already on the device.
+        scratch: what the run keeps across its steps (`RunScratch`).
     """
     this = _Pass(backend, step, rows, pads, store, scratch)
     for op in plan.ops_at(step):
@@ -189,11 +204,11 @@ def _run_steer(op: SteerOp, this: _Pass) -> None:
     # the common case, at every generated token: one in-place add of a vector moved to
     # the device once, instead of a read, a copy and a write per step
     kind, layer = op.site.kind, op.site.layer
-    delta = this.scratch.get(("steer", op.node_index))
+    delta = this.scratch.steer_deltas.get(op.node_index)
     if delta is None:
         like = this.backend.read(kind, layer)
         delta = (op.scale * op.vector.to_tensor()).to(like.device, like.dtype)
-        this.scratch[("steer", op.node_index)] = delta
+        this.scratch.steer_deltas[op.node_index] = delta
     this.backend.add(kind, layer, delta)
 
 
@@ -205,7 +220,7 @@ def _run_attention_probs(op: AttentionProbsOp, this: _Pass) -> None:
 
 
 def _run_grad_capture(op: GradCaptureOp, this: _Pass) -> None:
-    this.scratch[op.name] = this.read(op)
+    this.scratch.grad_captures[op.name] = this.read(op)
 
 
 def _run_read(op: ReadOp | LensOp, this: _Pass) -> None:
@@ -261,7 +276,7 @@ def _edited(op: ZeroOp | PatchOp | SteerOp, value: torch.Tensor, step: int, pads
 
 
 def _run_grad(op: GradOp, this: _Pass) -> None:
-    activation = this.scratch.pop(op.name)
+    activation = this.scratch.grad_captures.pop(op.name)
     logits = this.backend.read(SiteKind.LOGITS, None)
     log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
     objective = log_probs[:, op.target].sum()  # rows are independent: the sum's gradient splits by row

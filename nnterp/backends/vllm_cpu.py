@@ -29,9 +29,9 @@ without editing nnsight or vLLM:
    sequence fits that cache. ``float32`` keeps
    activations comparable with a transformers reference (CPU bf16 is slow and
    lossy). Prefix caching off, because a cached prefix skips the forward and a
-   hook would silently see fewer tokens; eager mode, because hooks cannot fire
-   inside a compiled graph (nnsight forces ``enforce_eager`` anyway when no
-   ``taps`` are given; taps are CUDA-graph only, so don't pass them here).
+   hook would silently see fewer tokens; eager mode, because vLLM's CPU backend
+   captures no CUDA graphs, and nnsight's per-module interventions need an eager
+   model anyway (a compiled engine, ``cuda_graphs=``, is GPU-only).
 
 4. **Shutdown** (`shutdown_vllm`). ``vllm.LLM`` has no ``close``; the engine
    core and its worker are child processes that only go away when

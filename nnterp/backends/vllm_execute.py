@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nnterp.backends.internals import plain_engine_steps, sampling_params_fields
-from nnterp.backends.interpret import generation_may_end_early, run_step
+from nnterp.backends.interpret import RunScratch, generation_may_end_early, run_step
 from nnterp.dsl.plan import Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Execution
 
@@ -90,11 +90,11 @@ def execute_nnsight(backend: Any, plan: Plan, prompts: Sequence[str], sampling: 
         if steps == 1:
             for row, prompt in enumerate(prompts):
                 with tracer.invoke(prompt, **_own_seed(sampling, row)):
-                    run_step(backend, plan, 0, [row], [0], store, {})
+                    run_step(backend, plan, 0, [row], [0], store, RunScratch())
         else:
             for row, prompt in enumerate(prompts):
                 with tracer.invoke(prompt, **_own_seed(sampling, row)):
-                    scratch = {}
+                    scratch = RunScratch()
                     # The loop ends early, and nothing after it runs, when the
                     # request reaches end of sequence first; so nothing follows it.
                     for step in tracer.iter[:steps]:

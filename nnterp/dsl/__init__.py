@@ -24,8 +24,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 from nnterp.dsl.graph import Graph
@@ -40,9 +38,9 @@ from nnterp.errors import GraphFormatError, ValidationError
 
 #: public name -> module that defines it, imported on first use.
 _LAZY = {
-    "run": "nnterp.dsl.run",
-    "replay": "nnterp.dsl.run",
-    "RunResult": "nnterp.dsl.run",
+    "run": "nnterp.dsl.running",
+    "replay": "nnterp.dsl.running",
+    "RunResult": "nnterp.dsl.running",
 }
 
 __all__ = [
@@ -82,26 +80,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _Package(types.ModuleType):
-    """This package's module type: keeps ``nnterp.dsl.run`` the function.
-
-    Importing the submodule ``nnterp.dsl.run`` (``from nnterp.dsl.run import ...``)
-    makes Python bind the package attribute ``run`` to that module, which would hide
-    the function of the same name from a later ``from nnterp.dsl import run``. Binding
-    the function instead keeps the public name right whichever import comes first;
-    the module stays reachable through ``sys.modules`` and ``from nnterp.dsl.run import``.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            isinstance(value, types.ModuleType)
-            and _LAZY.get(name) == f"{__name__}.{name}"
-            and hasattr(value, name)
-        ):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

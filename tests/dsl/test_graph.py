@@ -131,7 +131,7 @@ def test_pure_modules_import_nothing_forbidden(module):
 
 @pytest.mark.parametrize("module", ["serialize", "codec"])
 def test_serialize_imports_no_model_machinery(module):
-    banned = ("nnsight", "vllm", "nnterp.backends", "nnterp.standardized", "nnterp.dsl.run", "nnterp.dsl.lowering")
+    banned = ("nnsight", "vllm", "nnterp.backends", "nnterp.standardized", "nnterp.dsl.running", "nnterp.dsl.lowering")
     assert _forbidden(_imports(DSL / f"{module}.py"), banned) == set()
 
 
@@ -143,7 +143,7 @@ def test_building_checking_and_storing_graphs_loads_no_model_library():
         "validate(g, ModelSpec(4, 8, 2, 100))\n"
         "assert Graph.from_json(g.to_json()) == g\n"
         "print(' '.join(m for m in ('nnsight', 'vllm', 'transformers', 'nnterp.standardized', "
-        "'nnterp.backends.hf', 'nnterp.backends.vllm', 'nnterp.backends.interpret', 'nnterp.dsl.run') "
+        "'nnterp.backends.hf', 'nnterp.backends.vllm', 'nnterp.backends.interpret', 'nnterp.dsl.running') "
         "if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
