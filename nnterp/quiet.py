@@ -33,6 +33,10 @@ QUIET_ENV = {
     # which a disabled bar leaves at 0 (ZeroDivisionError in LLM.generate, vLLM 0.32). A
     # bar that waits forever before it first draws measures time but never draws.
     "TQDM_DELAY": "inf",
+    # FlashInfer's JIT logger on a GPU engine ("[Autotuner]: Autotuning process starts"
+    # while vLLM warms up): a logger of its own, with its own handler, that reads only this
+    # variable when flashinfer is imported in the engine's process
+    "FLASHINFER_LOGGING_LEVEL": "error",
     # transformers' "Loading weights" bar (read through huggingface_hub) and its warnings
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
