@@ -272,6 +272,15 @@ class StandardizedTransformer:
         """
         return self._backend.execute(plan, prompts, sampling)
 
+    def execute_many(self, jobs: Any) -> Any:
+        """Run several lowered plans, each ``(plan, prompts, sampling)``: what
+        ``nnterp.dsl.run_batch`` calls. On vLLM their requests share the engine's batches.
+
+        Returns:
+            One ``nnterp.dsl.recorded.Execution`` per job, in order.
+        """
+        return self._backend.execute_many(jobs)
+
     def project_on_vocab(self, hidden: Any) -> Any:
         """Final norm and unembedding of a residual-stream tensor (logits over the vocab).
 

@@ -8,9 +8,9 @@ DSL plan, how to read a weight by its standardized name, and how to free its res
 What it cannot do is data, in its `limits` (`nnterp.limits`), which validation
 and the facade read.
 
-The DSL reaches a backend through one method: ``execute(plan, prompts, sampling) ->
-Execution``, whose argument and result types (`nnterp.dsl.plan`) are plain data that
-know nothing of backends.
+The DSL reaches a backend through ``execute(plan, prompts, sampling) -> Execution``, and
+``execute_many`` for several plans at once, whose argument and result types
+(`nnterp.dsl.plan`) are plain data that know nothing of backends.
 """
 
 from __future__ import annotations
@@ -107,6 +107,12 @@ class Backend:
         tokenized, and an executor that feeds the model token ids uses those.
         """
         raise NotImplementedError
+
+    def execute_many(self, jobs: Sequence[tuple["Plan", Sequence[str], "Sampling"]]) -> list["Execution"]:
+        """Run several plans, each on its own prompts: one `Execution` per job, each what
+        ``execute`` gives for it alone. A backend that can share work across plans (vLLM's
+        batched executor: one batch of requests) overrides this loop."""
+        return [self.execute(plan, prompts, sampling) for plan, prompts, sampling in jobs]
 
     def project_on_vocab(self, hidden: Any) -> Any:
         raise NotImplementedError

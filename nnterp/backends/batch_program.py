@@ -153,13 +153,15 @@ class PlanProgram:
     Args:
         plan: the lowered plan.
         site_index: ``(kind, layer) -> index`` of every hooked site.
-        vectors: the shared `VectorTable`.
+        vectors: the `VectorTable`, which several plans may share.
+        tag: names this plan's vectors in a shared table (the plan's slot).
     """
 
     def __init__(self, plan: Plan, site_index: dict[tuple[SiteKind, int | None], int],
-                 vectors: VectorTable) -> None:
+                 vectors: VectorTable, tag: int = 0) -> None:
         self.plan = plan
         self.vectors = vectors
+        self.tag = tag
         #: hooked site index -> the plan's ops there, in graph (plan) order
         self.site_ops: dict[int, list[tuple[int, Any]]] = {}
         #: ops at the logits, in order
@@ -228,7 +230,7 @@ class PlanProgram:
             pairs = np.stack([reset[edited], bits[edited]], axis=1)
             unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
             found = np.array([
-                self.vectors.row((int(r), int(b), tuple(steer_ops)), self._vector(int(r), int(b), steer_ops))
+                self.vectors.row((self.tag, int(r), int(b), tuple(steer_ops)), self._vector(int(r), int(b), steer_ops))
                 if (r != _ZERO or b != 0) else 0
                 for r, b in unique], dtype=np.int64)
             rows[edited] = found[inverse.reshape(-1)]

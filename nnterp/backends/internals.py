@@ -262,21 +262,31 @@ class NnterpRunnerMixin:
             self.nnterp.after_forward()
         return out
 
-    def nnterp_install(self, plan_id: str, payload: bytes) -> None:
-        self.nnterp.install(plan_id, pickle.loads(payload))
+    def nnterp_install(self, plans: Sequence[tuple[str, bytes]]) -> None:
+        """Install every plan, or none: a plan that fails to install (its vectors do not
+        fit) uninstalls those installed before it, and the error reaches the client."""
+        installed = []
+        try:
+            for plan_id, payload in plans:
+                self.nnterp.install(plan_id, pickle.loads(payload))
+                installed.append(plan_id)
+        except BaseException:
+            for plan_id in installed:
+                self.nnterp.collect(plan_id, reports=False)
+            raise
 
-    def nnterp_collect(self, plan_id: str) -> bytes | None:
-        return self.nnterp.collect(plan_id, reports=reports_results())
+    def nnterp_collect(self, plan_ids: Sequence[str]) -> list[bytes | None]:
+        return [self.nnterp.collect(plan_id, reports=reports_results()) for plan_id in plan_ids]
 
 
 class NnterpWorkerMixin:
     """The RPCs the client calls on every worker (``LLM.collective_rpc``)."""
 
-    def nnterp_install(self, plan_id: str, payload: bytes) -> None:
-        return self.model_runner.nnterp_install(plan_id, payload)
+    def nnterp_install(self, plans: Sequence[tuple[str, bytes]]) -> None:
+        return self.model_runner.nnterp_install(plans)
 
-    def nnterp_collect(self, plan_id: str) -> bytes | None:
-        return self.model_runner.nnterp_collect(plan_id)
+    def nnterp_collect(self, plan_ids: Sequence[str]) -> list[bytes | None]:
+        return self.model_runner.nnterp_collect(plan_ids)
 
     def nnterp_weight(self, module: str, tensor: str, partition: int | None) -> bytes:
         """This rank's share of one weight (`nnterp.backends.weights.local_pieces`), copied

@@ -50,7 +50,7 @@ from nnterp.backends.batch_program import HOOKABLE
 from nnterp.backends.internals import engine_class, torch_module, unembed
 from nnterp.backends.load_check import PROBE_TEXT, check_sites, warn_untested
 from nnterp.backends.vllm_activations import ReadOnlyActivation, guarded, plain
-from nnterp.backends.vllm_execute import execute_batched, execute_nnsight
+from nnterp.backends.vllm_execute import execute_batched_many, execute_nnsight
 from nnterp.backends.vllm_lifecycle import classes_unchanged, closed, cpu_max_model_len, hf_model_classes, opened
 from nnterp.backends.vllm_settings import (engine_environment, float32_engine_environment, graph_site_kinds,
                                            without_multicast)
@@ -353,17 +353,25 @@ class VLLMBackend(Backend):
     def execute(self, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
         """Run a lowered plan on every prompt: batch-wide in the engine (the default), or
         with nnsight, one request and one intervention per prompt."""
-        for site in plan.sites():
-            self._require(site.kind)
-        prompts = Prompts.of(prompts, self.model.tokenizer)
-        # one look-up of the limit for a sweep: thousands of prompts, one check each
-        limit = self.max_model_len
-        for ids in prompts.token_ids:
-            if len(ids) >= limit:
-                raise PromptTooLongError(too_long(len(ids), limit))
+        return self.execute_many([(plan, prompts, sampling)])[0]
+
+    def execute_many(self, jobs: Sequence[tuple[Plan, Sequence[str], Sampling]]) -> list[Execution]:
+        """Run several plans, each on its prompts: the batched executor sends the
+        requests of all of them to the engine at once, so they share its batches."""
+        checked = []
+        for plan, prompts, sampling in jobs:
+            for site in plan.sites():
+                self._require(site.kind)
+            prompts = Prompts.of(prompts, self.model.tokenizer)
+            # one look-up of the limit for a sweep: thousands of prompts, one check each
+            limit = self.max_model_len
+            for ids in prompts.token_ids:
+                if len(ids) >= limit:
+                    raise PromptTooLongError(too_long(len(ids), limit))
+            checked.append((plan, prompts, sampling))
         if self.dsl_executor == "batched":
-            return execute_batched(self, plan, prompts, sampling)
-        return execute_nnsight(self, plan, prompts, sampling)
+            return execute_batched_many(self, checked)
+        return [execute_nnsight(self, plan, prompts, sampling) for plan, prompts, sampling in checked]
 
     def project_on_vocab(self, hidden: Any) -> Any:
         # Inside a trace this runs in the worker, where the modules hold weights; outside

@@ -27,6 +27,10 @@ the engine runs its own layers, on the flat batch:
    (`nnterp.dsl.recorded.BlockValues`): whole tensors, through shared memory when they
    are large. The generated tokens come from the engine's outputs.
 
+Several plans may be installed at once (``run_batch``, a sweep of graphs): their
+requests share the engine's steps, and each token is edited and read by its own plan
+(`nnterp.backends.vllm_plans` says which token is whose).
+
 The engine is told which sites to hook through ``additional_config`` (which also enters
 vLLM's compile-cache key, so a compiled model is never reused without its hooks).
 
@@ -46,10 +50,11 @@ import attrs
 import numpy as np
 import torch
 
-from nnterp.backends.batch_program import HOOKABLE, PlanProgram, ReadColumn, TokenBatch, VectorTable
+from nnterp.backends.batch_program import HOOKABLE, ReadColumn, TokenBatch
 from nnterp.backends.vllm_hooks import DeviceState, Staging, after_module, before_layer
+from nnterp.backends.vllm_plans import BatchView, InstalledPlans, PlanRun
 from nnterp.backends.vllm_transport import host_empty, ship, to_host, upload
-from nnterp.dsl.plan import LensOp, PatchOp, Plan, ZeroOp
+from nnterp.dsl.plan import PatchOp, Plan, ZeroOp
 from nnterp.rename import ModulePaths, paths_for, resolve_path
 from nnterp.sites import SiteKind
 
@@ -95,52 +100,8 @@ def _token_layout(step: ScheduledStep) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # -- the engine ----------------------------------------------------------------------------
 
 
-class _PlanRun:
-    """One installed plan: its program, its requests and what they recorded."""
-
-    def __init__(self, plan: Plan, program: PlanProgram) -> None:
-        self.plan, self.program = plan, program
-        #: engine request id -> (prompt index, prompt length)
-        self.requests: dict[str, tuple[int, int]] = {}
-        #: engine request id -> first position not yet recorded
-        self.recorded_to: dict[str, int] = {}
-        #: the requests of the last step seen, and their `batch_view` arrays
-        self._ids: list[str] = []
-        self._prompts = self._lengths = self._recorded = np.zeros(0, dtype=np.int64)
-        #: engine request id -> last step whose logits were recorded
-        self.logits_recorded: dict[str, int] = {}
-        #: op index -> list of (host copies of values, [prompt, step, order] rows); on a
-        #: GPU the copies are in flight until the device is synchronized
-        self.values: dict[int, list[tuple[Any, np.ndarray]]] = {}
-        #: per plan op: whether it is a lens (the reads it records are projected)
-        self.is_lens = np.array([isinstance(op, LensOp) for op in plan.ops], dtype=bool)
-        #: what happened to the plan's requests: steps, chunked prompt passes, preemptions
-        self.stats = {"steps": 0, "prompt_chunks": 0, "preemptions": 0}
-
-    def batch_view(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(prompt index, prompt length, recorded-to)`` of each request of a step (-1, 0,
-        0 for requests of no plan). Looked up once while the batch's requests stay the
-        same, as they do through decoding; ``recorded-to`` is updated in place."""
-        if ids != self._ids:
-            self._write_back()
-            self._ids = ids
-            info = [self.requests.get(rid, (-1, 0)) for rid in ids]
-            self._prompts = np.array([i[0] for i in info], dtype=np.int64)
-            self._lengths = np.array([i[1] for i in info], dtype=np.int64)
-            self._recorded = np.array([self.recorded_to.get(rid, 0) for rid in ids], dtype=np.int64)
-        return self._prompts, self._lengths, self._recorded
-
-    def _write_back(self) -> None:
-        for rid, prompt, mark in zip(self._ids, self._prompts.tolist(), self._recorded.tolist()):
-            if prompt >= 0:
-                self.recorded_to[rid] = mark
-
-    def keep(self, index: int, value: Any, meta: np.ndarray) -> None:
-        self.values.setdefault(index, []).append((value, meta))
-
-
 class StepEngine:
-    """nnterp's state in one worker: the hooked sites, the tables, the installed plan."""
+    """nnterp's state in one worker: the hooked sites, the tables, the installed plans."""
 
     @classmethod
     def open(cls, model: torch.nn.Module, hf_config: Any, step_tokens: int, config: dict,
@@ -203,13 +164,16 @@ class StepEngine:
         if logits_module is not None:
             logits_module.register_forward_hook(self._on_logits)
         self.projecting = False
-        self.run: _PlanRun | None = None
-        self.plan_id: str | None = None
+
+        def write_row(row: int, vector: torch.Tensor) -> None:
+            self.state.vector[row].copy_(vector.to(self.state.vector.dtype))
+
+        self.plans = InstalledPlans(self.site_index, self.state.vector.shape[0], write_row)
         self.dirty: set[int] = set()
-        #: this step's read tables (rows of `Capture.reads`, capture rows made global)
-        self.step_reads: list[np.ndarray] = []
-        #: this step's logits actions: (logits row, prompt index, step, [(op index, op)])
-        self.sampling: list[tuple[int, int, int, list]] = []
+        #: this step's read tables, per plan (rows of `Capture.reads`, capture rows made global)
+        self.step_reads: list[tuple[PlanRun, np.ndarray]] = []
+        #: this step's logits actions: (plan, logits row, prompt index, step, [(op index, op)])
+        self.sampling: list[tuple[PlanRun, int, int, int, list]] = []
         n_sites, n_tokens = len(self.sites), tokens
         pin = parameter.device.type == "cuda"
         self.dump = capacity + torch.arange(n_tokens)
@@ -224,50 +188,36 @@ class StepEngine:
     # -- plans ---------------------------------------------------------------------------
 
     def install(self, plan_id: str, plan: Plan) -> None:
-        if self.run is not None:
-            raise RuntimeError(f"nnterp: plan {self.plan_id} is still running in this engine")
-
-        def write_row(row: int, vector: torch.Tensor) -> None:
-            self.state.vector[row].copy_(vector.to(self.state.vector.dtype))
-
-        vectors = VectorTable(self.state.vector.shape[0], write_row)
-        self.run, self.plan_id = _PlanRun(plan, PlanProgram(plan, self.site_index, vectors)), plan_id
+        """Install a plan beside any already installed: their requests share the steps."""
+        self.plans.install(plan_id, plan)
 
     def admit(self, new_requests: Sequence[NewRequest], preempted: Sequence[str]) -> None:
-        """Note the requests of the installed plan that the scheduler admitted, and count
-        those of its requests it preempted (they are prefilled again, and steered the
-        same way: recording is by position, so nothing is recorded twice)."""
-        run = self.run
-        if run is None:
+        """Note the requests of installed plans that the scheduler admitted, and count
+        those it preempted."""
+        if not self.plans:
             return
-        run.stats["preemptions"] += sum(1 for rid in preempted if rid in run.requests)
+        self.plans.preempted(preempted)
         for new in new_requests:
-            if new.tag and new.tag[0] == self.plan_id:
-                run.requests[new.request_id] = (int(new.tag[1]), new.prompt_length)
-                run.recorded_to[new.request_id] = 0
+            self.plans.admit(new.request_id, new.tag, new.prompt_length)
 
     # -- one step ------------------------------------------------------------------------
 
     def fill(self, step: ScheduledStep) -> None:
         """Work out this step's tables on the host and copy them to the device."""
-        run = self.run
         self.step_reads, self.sampling = [], []
-        if run is None and not self.dirty:
+        if not self.plans and not self.dirty:
             return  # nothing installed, and the tables are already neutral
-        ids = list(step.request_ids)
-        request, position, ends = _token_layout(step)
-        if run is not None:
-            prompts, lengths, recorded = run.batch_view(ids)
-        else:
-            prompts, lengths, recorded = (np.full(len(ids), -1, np.int64), np.zeros(len(ids), np.int64),
-                                          np.zeros(len(ids), np.int64))
-        prompt = prompts[request]
         stage = self._take_stage()
         touched: set[int] = set()
-        if run is not None and (prompt >= 0).any():
-            tokens = TokenBatch(prompt, position, lengths[request])
-            touched = self._write_sites(run, stage, tokens, recorded[request], len(request))
-            self._advance(run, ids, step.discarded, prompts, lengths, recorded, position[ends - 1] + 1)
+        if self.plans:
+            ids = list(step.request_ids)
+            request, position, ends = _token_layout(step)
+            view = self.plans.view(ids)
+            slot = view.slot[request]
+            if (slot >= 0).any():
+                tokens = TokenBatch(view.prompt[request], position, view.length[request])
+                touched = self._write_sites(stage, slot, tokens, view.recorded[request])
+                self._advance(view, step.discarded, position[ends - 1] + 1)
         for site in stage.dirty - touched:  # back to neutral
             stage.neutral(site, self.dump)
         for site in touched | self.dirty:
@@ -284,65 +234,92 @@ class StepEngine:
             stage.copied.synchronize()
         return stage
 
-    def _write_sites(self, run: _PlanRun, stage: Staging, tokens: TokenBatch, recorded: np.ndarray,
-                     n: int) -> set[int]:
+    def _write_sites(self, stage: Staging, slot: np.ndarray, tokens: TokenBatch, recorded: np.ndarray) -> set[int]:
         """Write each site's edit and capture rows of this step into ``stage``, and note
-        its reads; the sites touched."""
-        program, state = run.program, self.state
+        its reads; the sites touched. ``slot``: each token's plan (-1: none).
+
+        A site where plans only steer every token (a steering sweep: every plan, every
+        step) is one gather of `InstalledPlans.constant_rows` by the tokens' slots, and
+        is not rewritten while the step's tokens and plans stay the same. Other sites
+        are worked out plan by plan, each plan writing only its own tokens.
+        """
+        plans, n = self.plans, len(slot)
         fresh = tokens.position >= recorded
+        present = [plans.by_slot[s] for s in np.unique(slot[slot >= 0]).tolist()]
+        computed = [(run, run.computed_sites) for run in present if run.computed_sites]
+        mixed = {site for _, sites in computed for site in sites}
+        # site -> (a, vector row) of every token, for the sites rewritten this step
+        tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         touched: set[int] = set()
-        computed = []
-        mine = tokens.prompt >= 0
-        mine_key = mine.tobytes()
-        for site in program.site_ops:
-            row = program.constant_row(site)
-            if row is None:
-                computed.append(site)
+        holds = None
+        for site, rows_by_slot in plans.constant_rows().items():
+            rows = rows_by_slot[slot + 1]
+            if not rows.any():
                 continue
-            holds = (self.plan_id, row, n, mine_key)
             touched.add(site)
+            if site in mixed:
+                tables[site] = (np.ones(n, dtype=np.float32), rows)
+                continue
+            holds = holds or (plans.version, n, slot.tobytes())
             if stage.held.get(site) != holds:
                 stage.neutral(site, self.dump)
-                stage.row[site, :n] = torch.from_numpy(np.where(mine, row, 0))
+                stage.row[site, :n] = torch.from_numpy(rows)
                 stage.held[site] = holds
+        captures: list[tuple[int, np.ndarray, int]] = []
         used = 0
-        for site, result in program.step(tokens, fresh, computed):
-            if result is None:
-                continue
-            scale, rows, capture = result
+        for run, sites in computed:
+            mine = slot == run.slot
+            own = TokenBatch(np.where(mine, tokens.prompt, -1), tokens.position, tokens.prompt_length)
+            for site, result in run.program.step(own, fresh, sites):
+                if result is None:
+                    continue
+                scale, rows, capture = result
+                if site in tables:  # another plan's tokens are here too: keep theirs
+                    before = tables[site]
+                    scale, rows = np.where(mine, scale, before[0]), np.where(mine, rows, before[1])
+                tables[site] = (scale, rows)
+                touched.add(site)
+                if capture is not None:
+                    k = len(capture.tokens)
+                    if used + k > self.state.capacity:
+                        raise OverflowError(
+                            f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
+                            f"{self.state.capacity}; load the model with a larger one, "
+                            f"StandardizedTransformer(..., backend='vllm', capture_bytes=N), or run fewer "
+                            f"prompts or reads at once")
+                    captures.append((site, capture.tokens, used))
+                    reads = capture.reads.copy()
+                    reads[:, ReadColumn.CAPTURE] += used
+                    self.step_reads.append((run, reads))
+                    used += k
+        for site, (scale, rows) in tables.items():
             stage.neutral(site, self.dump)
             stage.scale[site, :n] = torch.from_numpy(scale)
             stage.row[site, :n] = torch.from_numpy(rows)
-            if capture is not None:
-                k = len(capture.tokens)
-                if used + k > state.capacity:
-                    raise OverflowError(
-                        f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
-                        f"{state.capacity}; load the model with a larger one, "
-                        f"StandardizedTransformer(..., backend='vllm', capture_bytes=N), or run fewer "
-                        f"prompts or reads at once")
-                stage.dest[site, torch.from_numpy(capture.tokens)] = torch.arange(used, used + k)
-                reads = capture.reads.copy()
-                reads[:, ReadColumn.CAPTURE] += used
-                self.step_reads.append(reads)
-                used += k
-            touched.add(site)
+        for site, captured, first in captures:
+            stage.dest[site, torch.from_numpy(captured)] = torch.arange(first, first + len(captured))
         return touched
 
-    def _advance(self, run: _PlanRun, ids: list[str], discard: np.ndarray, prompts: np.ndarray,
-                 lengths: np.ndarray, recorded: np.ndarray, reached: np.ndarray) -> None:
-        """Count the step, move each request's high-water mark to ``reached`` (the position
-        after its last token of this step), and note the logits actions of the requests
-        that sample in it."""
-        run.stats["steps"] += 1
-        ours = prompts >= 0
+    def _advance(self, view: BatchView, discard: np.ndarray, reached: np.ndarray) -> None:
+        """Count the step for each plan in it, move each request's high-water mark to
+        ``reached`` (the position after its last token of this step), and note the
+        logits actions of the requests that sample in it."""
+        plans = self.plans
+        ours = view.slot >= 0
+        present = np.unique(view.slot[ours])
+        for s in present.tolist():
+            plans.by_slot[s].stats["steps"] += 1
         # a prompt pass that ends before its prompt does
-        run.stats["prompt_chunks"] += int(np.count_nonzero(ours & (reached < lengths)))
-        np.maximum(recorded, np.where(ours, reached, 0), out=recorded)
-        if not run.program.logit_ops:
-            return
-        for row, rid in enumerate(ids):
-            if rid in run.requests and not discard[row]:
+        chunked = np.bincount(view.slot[ours & (reached < view.length)] + 1, minlength=1)
+        for s in np.flatnonzero(chunked[1:]).tolist():
+            plans.by_slot[s].stats["prompt_chunks"] += int(chunked[s + 1])
+        np.maximum(view.recorded, np.where(ours, reached, 0), out=view.recorded)
+        for s in present.tolist():
+            run = plans.by_slot[s]
+            if not run.program.logit_ops:
+                continue
+            for row in np.flatnonzero((view.slot == s) & ~np.asarray(discard[: len(view.ids)], dtype=bool)).tolist():
+                rid = view.ids[row]
                 prompt_row, prompt_length = run.requests[rid]
                 last = int(reached[row]) - 1
                 step = max(0, last - prompt_length + 1)
@@ -350,7 +327,7 @@ class StepEngine:
                     run.logits_recorded[rid] = step
                     actions = run.program.logit_actions(prompt_length, last)
                     if actions:
-                        self.sampling.append((row, prompt_row, step, actions))
+                        self.sampling.append((run, row, prompt_row, step, actions))
 
     def _copy_tables(self, stage: Staging, touched: set[int]) -> None:
         """Copy the staged tables to the device, whole (a few MB; the device never sees a
@@ -372,11 +349,10 @@ class StepEngine:
         """Rebuild this step's reads from the captured rows, project the lens rows, and
         start their copy to the host (pinned, asynchronous on a GPU: it overlaps the
         next step, and the device never holds more than a step of results)."""
-        run = self.run
-        if run is None or not self.step_reads:
+        if not self.step_reads:
             return
-        table = np.concatenate(self.step_reads)
-        self.step_reads = []
+        entries, self.step_reads = self.step_reads, []
+        table = np.concatenate([reads for _, reads in entries])
         device = self.state.captured.device
         # capture row, a, vector row: one upload (float64 holds the indices exactly)
         rebuild = upload(np.ascontiguousarray(table[:, ReadColumn.CAPTURE:ReadColumn.VECTOR_ROW + 1]), device)
@@ -385,22 +361,24 @@ class StepEngine:
         seen = self.state.captured[rows] * scale[:, None] + self.state.vector[vector_rows]
         ops = table[:, ReadColumn.OP].astype(np.int64)
         meta = table[:, ReadColumn.PROMPT:ReadColumn.ORDER + 1].astype(np.int64)  # prompt, step, order
-        # an op reads one site, and a site's reads are listed op by op: each op's rows
-        # are one contiguous run of the table
-        bounds = np.flatnonzero(np.r_[True, ops[1:] != ops[:-1], True]).tolist()
-        groups = [(int(ops[start]), start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-        lens = run.is_lens[ops]
+        # each entry is one plan's reads at one site, listed op by op: an op's rows are
+        # one contiguous run of the table
+        entry = np.repeat(np.arange(len(entries)), [len(reads) for _, reads in entries])
+        bounds = np.flatnonzero(np.r_[True, (ops[1:] != ops[:-1]) | (entry[1:] != entry[:-1]), True]).tolist()
+        groups = [(entries[int(entry[start])][0], int(ops[start]), start, stop)
+                  for start, stop in zip(bounds[:-1], bounds[1:])]
+        lens = np.concatenate([run.is_lens[reads[:, ReadColumn.OP].astype(np.int64)] for run, reads in entries])
         if not lens.all():
             host = to_host(seen)
-            for index, start, stop in groups:
+            for run, index, start, stop in groups:
                 if not lens[start]:
                     run.keep(index, host[start:stop], meta[start:stop])
         if lens.any():
             picked = seen if lens.all() else seen[upload(np.flatnonzero(lens), device)]
             at = np.cumsum(lens) - 1  # each lens row's index in `picked`
-            wanted = {run.plan.ops[index].top_k for index, start, _ in groups if lens[start]}
+            wanted = {run.plan.ops[index].top_k for run, index, start, _ in groups if lens[start]}
             results = {top_k: self._lens(picked, top_k) for top_k in wanted}
-            for index, start, stop in groups:
+            for run, index, start, stop in groups:
                 if lens[start]:
                     part = results[run.plan.ops[index].top_k]
                     first = int(at[start])
@@ -442,9 +420,8 @@ class StepEngine:
     def _on_logits(self, module: Any, args: Any, logits: Any) -> Any:
         if self.projecting or not self.sampling or logits is None:
             return None
-        run = self.run
         edited = False
-        for row, prompt_row, step, actions in self.sampling:
+        for run, row, prompt_row, step, actions in self.sampling:
             for index, op in actions:
                 if isinstance(op, (ZeroOp, PatchOp)):
                     if not edited:  # the engine's tensor: edit a copy, returned as the output
@@ -460,16 +437,14 @@ class StepEngine:
     # -- results -------------------------------------------------------------------------
 
     def collect(self, plan_id: str, reports: bool = True) -> bytes | None:
-        """Every recorded value, as one block per op: rows sorted by (prompt, step, order),
-        with their ``[prompt, step, order]`` table. Whole tensors, not one object per
-        prompt: a sweep of thousands of prompts and dozens of layers would otherwise
-        pickle hundreds of thousands of small tensors (`nnterp.backends.vllm_transport`).
-        ``reports``: whether this worker replies (under tensor parallelism every rank
-        holds the same values, and rank 0 replies)."""
-        run = self.run
-        if run is None or plan_id != self.plan_id:
-            raise RuntimeError(f"nnterp: no plan {plan_id} in this engine")
-        self.run, self.plan_id = None, None
+        """Every value one plan recorded, as one block per op: rows sorted by (prompt,
+        step, order), with their ``[prompt, step, order]`` table. Whole tensors, not one
+        object per prompt: a sweep of thousands of prompts and dozens of layers would
+        otherwise pickle hundreds of thousands of small tensors
+        (`nnterp.backends.vllm_transport`). The plan is uninstalled. ``reports``:
+        whether this worker replies (under tensor parallelism every rank holds the same
+        values, and rank 0 replies)."""
+        run = self.plans.remove(plan_id)
         if self.state.captured.is_cuda:
             torch.cuda.synchronize()  # every host copy has landed
         if not reports:

@@ -1,8 +1,9 @@
 """How a lowered plan runs on a vLLM engine: the two executors.
 
-- `execute_batched` (the default): the plan is installed in every worker, the prompts
-  run as ordinary vLLM requests tagged with their row, and what the workers recorded is
-  collected once at the end (`nnterp.backends.vllm_batch`, `nnterp.backends.vllm_transport`).
+- `execute_batched_many` (the default): the plans are installed in every worker, the
+  prompts of all of them run as ordinary vLLM requests tagged with their plan and row
+  (one ``generate``: they share the engine's batches), and what the workers recorded
+  is collected once at the end (`nnterp.backends.vllm_batch`, `nnterp.backends.vllm_transport`).
 - `execute_nnsight` (``dsl_executor="nnsight"``): one nnsight request per prompt, each
   running the plan's ops through `nnterp.backends.interpret`, as a ``trace`` would.
 
@@ -20,16 +21,18 @@ from nnterp.backends.interpret import RunScratch, generation_may_end_early, run_
 from nnterp.dsl.plan import Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Execution
 
-__all__ = ["execute_batched", "execute_nnsight", "BATCHED", "PER_REQUEST"]
+__all__ = ["execute_batched_many", "execute_nnsight", "BATCHED", "PER_REQUEST"]
 
 #: how each executor runs plans, as the run manifest records it
 PER_REQUEST = "vllm/nnsight: one request per prompt, one intervention per request"
 BATCHED = "vllm/batched: the whole plan in the engine's hooks, batch-wide"
 
 
-def execute_batched(backend: Any, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
-    """Install the plan in every worker, run the prompts as ordinary requests tagged
-    with their index, then collect what the workers recorded (`vllm_batch`)."""
+def execute_batched_many(backend: Any, jobs: Sequence[tuple[Plan, Sequence[str], Sampling]]) -> list[Execution]:
+    """Several plans in one engine call: every plan is installed, the requests of all of
+    them go to the engine as one ``generate`` (so they share its batches: no plan waits
+    for another's to drain), each tagged with its plan and row; then each plan's
+    records are collected. One `Execution` per job, in order."""
     import pickle
     import uuid
 
@@ -38,11 +41,10 @@ def execute_batched(backend: Any, plan: Plan, prompts: Sequence[str], sampling: 
     from nnterp.backends.vllm_transport import read_blocks
 
     llm = backend.model.vllm_entrypoint
-    plan_id = uuid.uuid4().hex
-    llm.collective_rpc("nnterp_install", args=(plan_id, pickle.dumps(plan)))
+    plan_ids = [uuid.uuid4().hex for _ in jobs]
     # A prefix served from vLLM's cache is never computed, so no hook would see it, and
-    # a prefix this plan edited must not be served to anyone else: with prefix caching
-    # on, the run neither reads the cache nor shares what it writes (its own salt).
+    # a prefix a plan edited must not be served to anyone else: with prefix caching on,
+    # the run neither reads the cache nor shares what it writes (each plan its own salt).
     fields = sampling_params_fields()
     options = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
     if "skip_clone" in fields:
@@ -50,24 +52,35 @@ def execute_batched(backend: Any, plan: Plan, prompts: Sequence[str], sampling: 
     # run decodes the generated tokens itself; vLLM's own detokenizer would decode them
     # a second time, request by request (7% of a 1.1B collect of 8,192 prompts on an H200)
     options["detokenize"] = False
-    template = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                              top_p=sampling.top_p, seed=sampling.seed, **options)
-    params = _tagged_copies(template, plan_id, len(prompts), sampling)
-    # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a sweep
-    # in one batch call, whose cost for thousands of short prompts is about that of
-    # their forward passes.
-    token_ids = Prompts.of(prompts, backend.model.tokenizer).token_ids
-    requests = [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
-                for ids, prompt in zip(token_ids, prompts)]
+    requests, params = [], []
+    templates: dict[Sampling, Any] = {}
+    for plan_id, (plan, prompts, sampling) in zip(plan_ids, jobs):
+        if sampling not in templates:
+            templates[sampling] = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                                 top_p=sampling.top_p, seed=sampling.seed, **options)
+        params += _tagged_copies(templates[sampling], plan_id, len(prompts), sampling)
+        # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a
+        # sweep in one batch call, whose cost for thousands of short prompts is about
+        # that of their forward passes.
+        token_ids = Prompts.of(prompts, backend.model.tokenizer).token_ids
+        requests += [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
+                     for ids, prompt in zip(token_ids, prompts)]
+    llm.collective_rpc("nnterp_install", args=([(plan_id, pickle.dumps(plan))
+                                                for plan_id, (plan, _, _) in zip(plan_ids, jobs)],))
     try:
         with plain_engine_steps(llm.llm_engine):
             outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
     finally:
-        # always: it also uninstalls the plan, so the engine is ready for the next
-        replies = llm.collective_rpc("nnterp_collect", args=(plan_id,))
-    values, stats = read_blocks(plan, next(reply for reply in replies if reply is not None))
-    tokens = [output.outputs[0].token_ids for output in outputs]
-    return Execution(values, tokens, BATCHED, stats=stats)
+        # always: it also uninstalls the plans, so the engine is ready for the next call
+        replies = llm.collective_rpc("nnterp_collect", args=(plan_ids,))
+    blocks = next(reply for reply in replies if reply is not None and reply[0] is not None)
+    executions, first = [], 0
+    for (plan, prompts, _), payload in zip(jobs, blocks):
+        values, stats = read_blocks(plan, payload)
+        tokens = [output.outputs[0].token_ids for output in outputs[first:first + len(prompts)]]
+        first += len(prompts)
+        executions.append(Execution(values, tokens, BATCHED, stats=stats))
+    return executions
 
 def execute_nnsight(backend: Any, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
     """One request (invoke) per prompt, in one nnsight trace.

@@ -39,6 +39,8 @@ from nnterp.errors import GraphFormatError, ValidationError
 #: public name -> module that defines it, imported on first use.
 _LAZY = {
     "run": "nnterp.dsl.running",
+    "run_batch": "nnterp.dsl.running",
+    "Job": "nnterp.dsl.jobs",
     "replay": "nnterp.dsl.running",
     "RunResult": "nnterp.dsl.running",
 }

@@ -38,6 +38,11 @@ class Recorded(Mapping):
         """Only the values of steps each prompt reached: ``step < generated[prompt]``."""
         raise NotImplementedError
 
+    def prompt_range(self, start: int, stop: int) -> "Recorded":
+        """The values of prompts ``start .. stop - 1``, numbered from 0: one job's share
+        of a run that batched the prompts of several jobs with the same plan."""
+        raise NotImplementedError
+
 
 class KeyedValues(Recorded):
     """A plain dict of recorded values."""
@@ -57,6 +62,10 @@ class KeyedValues(Recorded):
     def before_end(self, generated: Sequence[int]) -> "KeyedValues":
         kept = {key: value for key, value in self._values.items() if key.step < generated[key.prompt]}
         return self if len(kept) == len(self._values) else KeyedValues(kept)
+
+    def prompt_range(self, start: int, stop: int) -> "KeyedValues":
+        return KeyedValues({attrs.evolve(key, prompt=key.prompt - start): value
+                            for key, value in self._values.items() if start <= key.prompt < stop})
 
 
 def as_recorded(values: Mapping[OutputKey, Any]) -> Recorded:
@@ -159,6 +168,17 @@ class BlockValues(Recorded):
         extra = {key: value for key, value in self._extra.items() if key.step < reached[key.prompt]}
         if all(new is old for new, old in zip(blocks, self._blocks.values())) and len(extra) == len(self._extra):
             return self
+        return BlockValues(blocks, extra)
+
+    def prompt_range(self, start: int, stop: int) -> "BlockValues":
+        blocks = []
+        for block in self._blocks.values():
+            kept = block.where((block.meta[:, 0] >= start) & (block.meta[:, 0] < stop))
+            meta = kept.meta.copy()
+            meta[:, 0] -= start
+            blocks.append(Block(kept.name, kept.layer, kept.single, meta, kept.data))
+        extra = {attrs.evolve(key, prompt=key.prompt - start): value
+                 for key, value in self._extra.items() if start <= key.prompt < stop}
         return BlockValues(blocks, extra)
 
     # -- one key at a time ---------------------------------------------------------------

@@ -17,7 +17,7 @@ from nnterp.dsl.spec import ModelSpec, backends_supporting
 from nnterp.dsl.steps import includes_prompt_pass, reaches_generated_token, steer_steps, wanted_positions
 from nnterp.sites import SiteKind
 
-__all__ = ["context_problems", "capacity_problems"]
+__all__ = ["context_problems", "capacity_problems", "vector_rows_needed"]
 
 
 #: the most prompts a problem about prompts lists by index, before "and N more"
@@ -110,6 +110,12 @@ def _vectors(node: Node) -> int:
         shape = node.value.shape
         return shape[0] if len(shape) == 2 else 1
     return 0
+
+
+def vector_rows_needed(graph: Any) -> int:
+    """Rows of the engine's vector table a graph's edits need, at least (several steers
+    at one site that act on different tokens may need a row per combination)."""
+    return sum(_vectors(node) for node in graph)
 
 
 @rule(Node)
@@ -459,7 +465,7 @@ def capacity_problems(graph: Any, spec: ModelSpec) -> Iterator[Problem]:
     batched executor: ``vector_rows``, one row of which is the zero vector)."""
     if spec.vector_rows is None:
         return
-    needed = sum(_vectors(node) for node in graph)
+    needed = vector_rows_needed(graph)
     if needed > spec.vector_rows - 1:
         yield Problem("graph", f"the graph's steering and patch vectors need at least {needed} rows of the "
                       f"engine's vector table, which holds {spec.vector_rows - 1}",

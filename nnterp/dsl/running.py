@@ -1,13 +1,16 @@
-"""``run``: validate a graph, lower it, execute it on the model's backend, shape the results.
+"""``run`` and ``run_batch``: validate graphs, lower them, execute them on the model's
+backend, shape the results.
 
 The steps, in order, and nothing else: resolve the model (a loaded
 `StandardizedTransformer`, or a name loaded once per process and cached: `model_for`),
-`validate` against it and against the run's own prompts and sampling (nothing runs if
-any problem is found), run the source prompts of ``Patch(source=...)`` nodes and turn
-those patches into constant ones, `lower` the graph to a `Plan`, hand the plan to the
-model's backend (``model.execute(plan, prompts, sampling)``, which returns an
-`Execution`), and assemble the recorded values into the shapes SPEC.md gives. The model
-is reached only through its public attributes: this module knows no backend.
+`validate` every job against it and against the job's own prompts and sampling (nothing
+runs if any problem is found), group the jobs that share a graph and sampling
+(`nnterp.dsl.jobs`), run the source prompts of ``Patch(source=...)`` nodes and turn
+those patches into constant ones, `lower` each graph to a `Plan`, hand the plans to the
+model's backend (``model.execute_many([(plan, prompts, sampling), ...])``, which
+returns an `Execution` each), and assemble each job's recorded values into the shapes
+SPEC.md gives. ``run`` is ``run_batch`` of one job. The model is reached only through
+its public attributes: this module knows no backend.
 
 A `RunResult` carries a manifest with everything needed to run the same thing again
 (graph JSON, prompts, sampling, model identity, backend, executor, library versions).
@@ -24,27 +27,21 @@ import torch
 
 from nnterp.limits import DEFAULT_BACKEND, limits_for
 from nnterp.dsl.graph import Graph, as_graph
+from nnterp.dsl.jobs import Job, as_job, as_prompts, group_jobs, waves
 from nnterp.dsl.lowering import lower, uses
 from nnterp.dsl.nodes import AttentionProbs, Node, Patch, Read
 from nnterp.dsl.plan import Output, OutputKey, OutputKind, Plan, Prompts, Sampling
+from nnterp.dsl.problem import Problem
 from nnterp.dsl.recorded import Execution, Recorded
 from nnterp.dsl.results import RunResult
+from nnterp.dsl.rules import vector_rows_needed
 from nnterp.dsl.validate import validate
+from nnterp.errors import ValidationError
 
-__all__ = ["Sampling", "RunResult", "run", "replay", "model_for"]
+__all__ = ["Sampling", "RunResult", "Job", "run", "run_batch", "replay", "model_for"]
 
 #: (name, backend, attention probabilities) -> model loaded by `run` from a name
 _MODELS: dict[tuple[str, str, bool], Any] = {}
-
-
-def _as_prompts(prompts: str | Sequence[str]) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("run needs at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
-    if bad:
-        raise TypeError(f"prompts must be non-empty strings; prompts[{bad[0]}] is {prompts[bad[0]]!r:.60}")
-    return prompts
 
 
 def model_for(model: Any, backend: str | None = None, graph: Graph | Node | None = None) -> Any:
@@ -79,12 +76,14 @@ def _cache_key(name: str | os.PathLike, backend: str | None, graph: Graph | Node
     return (os.fspath(name), backend, probs)
 
 
-def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: str | None = None,
-        sampling: Sampling | None = None) -> RunResult:
+def run(graph: Graph | Node | Sequence[Graph | Node], model: Any, prompts: str | Sequence[str],
+        backend: str | None = None, sampling: Sampling | None = None) -> RunResult | list[RunResult]:
     """Run ``graph`` on every prompt and return the named outputs.
 
     Args:
-        graph: a `Graph` (or a single node).
+        graph: a `Graph` (or a single node); or a list of them, each run on every
+            prompt (one batched call: see `run_batch`), which returns a list of
+            `RunResult`, one per graph.
         model: a loaded `StandardizedTransformer`, or a name or path (loaded with
             ``backend``, default ``"hf"``, and cached for the process).
         prompts: a prompt or a list of them; each is its own sequence (HF: one padded
@@ -94,28 +93,134 @@ def run(graph: Graph | Node, model: Any, prompts: str | Sequence[str], backend: 
 
     Raises:
         ValidationError: the graph does not fit the model, the prompts or the sampling
-            (every problem listed); nothing ran.
+            (every problem listed, of every graph); nothing ran.
     """
-    graph = as_graph(graph)
-    prompts = _as_prompts(prompts)
     sampling = sampling or Sampling()
-    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, graph) not in _MODELS:
+    if isinstance(graph, (list, tuple)):
+        if not graph:
+            raise ValueError("run: the list of graphs is empty")
+        prompts = as_prompts(prompts)
+        jobs = [Job(_graph_at(g, i), prompts, sampling) for i, g in enumerate(graph)]
+        return _run_jobs(jobs, model, backend, label="graphs")
+    return _run_jobs([Job(graph, as_prompts(prompts), sampling)], model, backend, label=None)[0]
+
+
+def run_batch(jobs: Sequence[Job | tuple], model: Any, backend: str | None = None) -> list[RunResult]:
+    """Run many graphs in one call: one `RunResult` per job, each equal to what ``run``
+    gives for that job alone.
+
+    A job is ``(graph, prompts)``, ``(graph, prompts, sampling)`` or a `Job`: one graph
+    per prompt, contrastive pairs and per-prompt steering vectors all fit this form.
+    Every job is validated before anything runs, and every problem of every job is
+    reported at once, each named ``jobs[i]``. Jobs with the same graph and sampling run
+    as one plan over their prompts. On vLLM the requests of every plan go to the engine
+    together and share its batches: no plan waits for another's to finish.
+
+    Example:
+        >>> from nnterp.dsl import Lens, Steer, run_batch    # doctest: +SKIP
+        >>> results = run_batch([(Steer(5, v, scale=s), prompts) for s in (2, 4, 8)], model)  # doctest: +SKIP
+
+    Raises:
+        ValidationError: a job's graph does not fit the model, its prompts or its
+            sampling; nothing ran.
+    """
+    if isinstance(jobs, (str, bytes, Graph, Node)) or not isinstance(jobs, Sequence):
+        raise TypeError(f"run_batch takes a list of jobs, (graph, prompts) or (graph, prompts, sampling), "
+                        f"got {type(jobs).__name__}")
+    jobs = [as_job(item, index) for index, item in enumerate(jobs)]
+    if not jobs:
+        raise ValueError("run_batch needs at least one job")
+    return _run_jobs(jobs, model, backend, label="jobs")
+
+
+def _graph_at(graph: Any, index: int) -> Graph:
+    if not isinstance(graph, (Graph, Node)):
+        raise TypeError(f"run: graphs[{index}] must be a Graph or a node, got {type(graph).__name__}")
+    return as_graph(graph)
+
+
+def _relabel(err: ValidationError, label: str | None, index: int) -> list[Problem]:
+    """A job's problems, each ``where`` prefixed with the job (``jobs[3] nodes[0] ...``)."""
+    if label is None:
+        return list(err.problems)
+    return [attrs.evolve(p, where=f"{label}[{index}] {p.where}") for p in err.problems]
+
+
+def _validate_jobs(jobs: Sequence[Job], model: Any, backend: str | None, label: str | None,
+                   prompts: Sequence[Any]) -> Any:
+    """Validate every job (``prompts``: each job's prompts, tokenized where the model is
+    loaded); raise one `ValidationError` listing the problems of all of them. Returns a
+    spec (the same model's for every job)."""
+    found: list[Problem] = []
+    spec = None
+    for index, (job, job_prompts) in enumerate(zip(jobs, prompts)):
+        try:
+            spec = validate(job.graph, model, backend, prompts=job_prompts, sampling=job.sampling)
+        except ValidationError as err:
+            if label is None or err.problems and err.problems[0].where == "model":
+                raise  # one job, or a problem with the model itself: as it is
+            found += _relabel(err, label, index)
+    if found:
+        failing = sorted({p.where.split(" ", 1)[0] for p in found}, key=lambda w: int(w[len(label) + 1:-1]))
+        noun = "problem" if len(found) == 1 else "problems"
+        raise ValidationError(found, header=f"{len(found)} {noun} in {', '.join(failing)} "
+                                            f"(of {len(jobs)} {label}):")
+    return spec
+
+
+def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | None) -> list[RunResult]:
+    probe = next((job.graph for job in jobs if uses(job.graph, AttentionProbs)), jobs[0].graph)
+    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
         # from the configuration and tokenizer alone: a graph that cannot run never
         # loads weights or starts an engine (a model already loaded is checked below)
-        validate(graph, model, backend or DEFAULT_BACKEND, prompts=prompts, sampling=sampling)
-    model = model_for(model, backend, graph)
+        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, [job.prompts for job in jobs])
+    model = model_for(model, backend, probe)
     tokenizer = model.tokenizer
-    # tokenized once: validation's position checks and the executor share the ids
-    prompts = Prompts.tokenize(prompts, tokenizer)
-    spec = validate(graph, model, backend, prompts=prompts, sampling=sampling)
-    resolved = _resolve_sources(graph, model, spec)
-    plan = lower(resolved, spec, max_tokens=sampling.max_tokens,
-                 token_id=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
-    execution = model.execute(plan, prompts, sampling)
+    # tokenized once, in one batch call: validation's position checks and the
+    # executor share the ids
+    every = Prompts.tokenize([p for job in jobs for p in job.prompts], tokenizer)
+    per_job, first = [], 0
+    for job in jobs:
+        stop = first + len(job.prompts)
+        per_job.append(Prompts(every.texts[first:stop], every.token_ids[first:stop]))
+        first = stop
+    spec = _validate_jobs(jobs, model, backend, label, per_job)
+    groups = group_jobs(jobs)
+    planned = []
+    for group in groups:
+        job = jobs[group.members[0]]
+        resolved = _resolve_sources(job.graph, model, spec)
+        plan = lower(resolved, spec, max_tokens=job.sampling.max_tokens,
+                     token_id=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
+        prompts = Prompts(group.prompts, tuple(ids for i in group.members for ids in per_job[i].token_ids))
+        planned.append((group, plan, prompts, job.sampling, vector_rows_needed(resolved)))
+    capacity = None if spec.vector_rows is None else spec.vector_rows - 1
+    results: list[RunResult | None] = [None] * len(jobs)
+    for wave in waves(planned, need=lambda item: item[4], capacity=capacity):
+        executions = model.execute_many([(plan, prompts, sampling) for _, plan, prompts, sampling, _ in wave])
+        for (group, plan, _, sampling, _), execution in zip(wave, executions):
+            for member, index in enumerate(group.members):
+                share = _share(execution, *group.share(member)) if len(group.members) > 1 else execution
+                results[index] = _result(jobs[index], plan, share, model, tokenizer,
+                                         batch=None if label is None else (index, len(jobs)))
+    return results
+
+
+def _share(execution: Execution, start: int, stop: int) -> Execution:
+    """One job's part of a group's execution: its prompts' values and tokens."""
+    return Execution(execution.values.prompt_range(start, stop), execution.tokens[start:stop],
+                     execution.executor, stats=execution.stats)
+
+
+def _result(job: Job, plan: Plan, execution: Execution, model: Any, tokenizer: Any,
+            batch: tuple[int, int] | None) -> RunResult:
     tokens = [list(row) for row in execution.tokens]
-    outputs = _assemble(plan, _drop_ended_steps(execution), len(prompts))
+    outputs = _assemble(plan, _drop_ended_steps(execution), len(job.prompts))
     texts = [tokenizer.decode(row) for row in tokens]
-    return RunResult(outputs, tokens, texts, _manifest(graph, prompts, sampling, model, execution))
+    manifest = _manifest(job.graph, list(job.prompts), job.sampling, model, execution)
+    if batch is not None:
+        manifest["batch"] = {"job": batch[0], "jobs": batch[1]}
+    return RunResult(outputs, tokens, texts, manifest)
 
 
 def _drop_ended_steps(execution: Execution) -> Recorded:

@@ -122,3 +122,18 @@ def test_a_recorder_joins_batches_into_sorted_blocks():
     assert OutputKey("probs", step=0, prompt=0) not in values.before_end([0, 1])
     with pytest.raises(ValueError, match="both as single values and as lists"):
         recorder.add_rows("r", None, 0, [0], torch.zeros(1, 2, 1), single=False)
+
+
+def test_a_range_of_prompts_is_numbered_from_zero_in_both_stores():
+    rows = [(p, s, o) for p in range(4) for s in range(2) for o in range(2)]
+    block = _block("r", False, rows)
+    share = BlockValues([block]).prompt_range(1, 3)
+    keyed = KeyedValues(_keyed(block)).prompt_range(1, 3)
+    assert sorted(share, key=repr) == sorted(keyed, key=repr)
+    assert {key.prompt for key in share} == {0, 1}
+    for key in keyed:
+        assert torch.equal(share[key], keyed[key])
+    # prompt 0 of the share is prompt 1 of the whole: its data says so
+    assert share[OutputKey("r", step=1, prompt=0)][0, 0].item() == 110.0
+    stacked = share.stacked("r", None, 0, 2)
+    assert stacked.shape == (2, 2, 3) and stacked[1, 1, 0].item() == 201.0
