@@ -8,6 +8,10 @@ timed run lasts seconds):
 * ``steer-all``: the same with the vector added to every layer (DSL systems);
 * ``lens``: the logit lens over all layers at the last position, top-5 (GPU: 4,096 prompts);
 * ``collect``: the last-token residual stream of every layer (GPU: 8,192 prompts).
+* ``sweep``: 240 steering graphs (30 layer slots x 8 scales) on every prompt, as one
+  batched call (``run([g1, ..., g240], ...)``; DSL systems on vLLM), against
+  ``sweep-one``: one graph over the same number of requests (the target: 0.9x), and
+  ``sweep-calls``: the 240 graphs as separate calls (a share of them).
 
 Systems:
 
@@ -74,10 +78,16 @@ LLAMA_SHAPES = {
 #: Workload sizes: steer (prompts, prompt tokens, new tokens), lens and collect (prompts,
 #: prompt tokens). The GPU sizes make every timed run last seconds (issue 13).
 PRESETS = {
-    "1b": dict(model="1b", dtype="bfloat16", steer=(256, 32, 128), lens=(4096, 32), collect=(8192, 32)),
-    "8b": dict(model="8b", dtype="bfloat16", steer=(256, 32, 128), lens=(4096, 32), collect=(8192, 32)),
-    "cpu": dict(model="bundled", dtype="float32", steer=(4, 16, 8), lens=(8, 16), collect=(16, 16)),
+    "1b": dict(model="1b", dtype="bfloat16", steer=(256, 32, 128), lens=(4096, 32), collect=(8192, 32),
+               sweep=(30, 8, 256, 32, 16)),
+    "8b": dict(model="8b", dtype="bfloat16", steer=(256, 32, 128), lens=(4096, 32), collect=(8192, 32),
+               sweep=(30, 8, 64, 32, 16)),
+    "cpu": dict(model="bundled", dtype="float32", steer=(4, 16, 8), lens=(8, 16), collect=(16, 16),
+                sweep=(3, 8, 2, 16, 4)),
 }
+#: The sweep (issue 21): layer slots x scales steering graphs, each its own plan, on
+#: (prompts, prompt tokens, new tokens). Slot ``i`` steers layer ``i % layers`` with a
+#: vector of its own, so that every graph differs even where slots outnumber layers.
 #: The share of each workload the slow systems (nnsight per-request interventions) run:
 #: their rate is per prompt or token, so a smaller run measures it in less device time.
 SLOW_SHARE = {"1b": 0.125, "8b": 0.125, "cpu": 1.0}
@@ -224,6 +234,27 @@ def dsl_collect(model: Any, prompts: list[str], layers: int) -> Any:
     from nnterp.dsl import Graph, Read, run
 
     return run(Graph([Read(f"layers[{i}].output") for i in range(layers)]), model, prompts)
+
+
+def sweep_graphs(slots: int, scales: int, layers: int, hidden: int) -> list:
+    from nnterp.dsl import Steer
+
+    generator = torch.Generator().manual_seed(5)
+    vectors = [4.0 * torch.randn(hidden, generator=generator) / hidden ** 0.5 for _ in range(slots)]
+    return [Steer(slot % layers, vectors[slot], scale=0.25 * (k + 1)) for slot in range(slots) for k in range(scales)]
+
+
+def dsl_sweep(model: Any, graphs: list, prompts: list[str], n_tokens: int) -> list:
+    from nnterp.dsl import Sampling, run
+
+    results = run(graphs, model, prompts, sampling=Sampling(max_tokens=n_tokens))
+    return [row for result in results for row in result.tokens]
+
+
+def dsl_sweep_calls(model: Any, graphs: list, prompts: list[str], n_tokens: int) -> list:
+    from nnterp.dsl import Sampling, run
+
+    return [row for graph in graphs for row in run(graph, model, prompts, sampling=Sampling(max_tokens=n_tokens)).tokens]
 
 
 # -- vanilla ----------------------------------------------------------------------------
@@ -410,7 +441,7 @@ class Bench:
                 return row["rate"]
         return None
 
-    def failed(self, workload: str, system: str) -> bool:
+    def has_failed(self, workload: str, system: str) -> bool:
         return any(row["workload"] == workload and row["system"] == system and "error" in row
                    for row in self.rows)
 
@@ -429,7 +460,7 @@ class Bench:
             found.append({"ratio": name, "numerator": "/".join(num), "denominator": "/".join(den),
                           "value": value, "target": target,
                           "met": value is not None and (target is None or value >= target),
-                          "failed": self.failed(*num) or self.failed(*den),
+                          "failed": self.has_failed(*num) or self.has_failed(*den),
                           "value_vs_text": a / text if a and text else None})
 
         ratio("steer, one layer: DSL / vanilla vLLM (graphs)", ("steer", "dsl-vllm-graphs"), ("steer", "vllm-graphs"), 0.97)
@@ -445,6 +476,14 @@ class Bench:
         ratio("steer, every layer: DSL / vanilla vLLM (eager)", ("steer-all", "dsl-vllm"), ("steer", "vllm-eager"), None)
         for workload in ("lens", "collect"):
             ratio(f"{workload}: DSL / vanilla vLLM (eager)", (workload, "dsl-vllm"), (workload, "vllm-eager"), None)
+        ratio("sweep of graphs, one call / one graph, same requests (graphs)", ("sweep", "dsl-vllm-graphs"),
+              ("sweep-one", "dsl-vllm-graphs"), 0.90)
+        ratio("sweep of graphs, one call / one graph, same requests (eager)", ("sweep", "dsl-vllm"),
+              ("sweep-one", "dsl-vllm"), None)
+        ratio("sweep of graphs, one call / separate calls (eager)", ("sweep", "dsl-vllm"),
+              ("sweep-calls", "dsl-vllm"), None)
+        ratio("sweep of graphs, one call / separate calls (graphs)", ("sweep", "dsl-vllm-graphs"),
+              ("sweep-calls", "dsl-vllm-graphs"), None)
         for workload in ("steer", "lens", "collect"):
             ratio(f"{workload}: batched / nnsight executor (eager engine)", (workload, "dsl-vllm"),
                   (workload, "dsl-vllm-nnsight"), 1.0)
@@ -766,6 +805,8 @@ def main() -> None:
                       lambda p: dsl_lens(model, p.texts, layers), lambda p: dsl_collect(model, p.texts, layers),
                       share, steer_all=lambda p, n: dsl_steer(model, p.texts, every, vector, n),
                       engine=model.nnsight_model.vllm_entrypoint)
+        if want(system) and executor == "batched":
+            sweep(system, model)
         if hand and want(hand):
             nn = model.nnsight_model
             workloads(hand, lambda p, n: hand_vllm_steer(nn, p.texts, mid, vector, n),
@@ -776,6 +817,26 @@ def main() -> None:
         del model
         _free()
         _wait_for_gpu_memory()
+
+    slots, scales, n_sweep, sweep_len, sweep_tokens = preset["sweep"]
+    swept = sweep_graphs(slots, scales, layers, hidden)
+    sweep_prompts = make_prompts(tokenizer, n_sweep, sweep_len, seed=4)
+    meta["workloads"]["sweep"] = (f"{len(swept)} steering graphs ({slots} layer slots x {scales} scales) on "
+                                  f"{n_sweep} prompts x {sweep_len} tokens, {sweep_tokens} new tokens, greedy, "
+                                  "one call; sweep-one: one graph on the same requests")
+
+    def sweep(system: str, model: Any) -> None:
+        """The sweep as one call, one graph over as many requests, and separate calls (a
+        share: their rate is per token)."""
+        few = swept[:scales]
+        bench.time("sweep", system, lambda: dsl_sweep(model, swept, sweep_prompts, sweep_tokens),
+                   lambda: dsl_sweep(model, few, sweep_prompts, 4), generated, "tok", model.nnsight_model.vllm_entrypoint)
+        repeated = sweep_prompts * len(swept)
+        bench.time("sweep-one", system, lambda: dsl_steer(model, repeated, mid, vector, sweep_tokens),
+                   lambda: dsl_steer(model, sweep_prompts, mid, vector, 4), generated, "tok")
+        share = swept[: max(scales, int(len(swept) * SLOW_SHARE[args.preset]))]
+        bench.time("sweep-calls", system, lambda: dsl_sweep_calls(model, share, sweep_prompts, sweep_tokens),
+                   lambda: dsl_sweep_calls(model, few, sweep_prompts, 4), generated, "tok")
 
     def vanilla_vllm(system: str, eager: bool) -> None:
         """vLLM with no intervention: the ceiling."""

@@ -104,7 +104,12 @@ VLLM = BackendLimits(
         "AttentionProbs": _NO_PROBS,
     },
     sites={SiteKind.ATTENTION_PROBABILITIES: _NO_PROBS},
-    options={"enable_attention_probs": _NO_PROBS},
+    options={
+        "enable_attention_probs": _NO_PROBS,
+        "batch_tokens": Limit("an HF option: vLLM's scheduler forms its own batches of each step "
+                              "(max_num_batched_tokens)",
+                              "leave it out, or pass max_num_batched_tokens=N to size vLLM's steps"),
+    },
 )
 
 #: The backend used when none is named.

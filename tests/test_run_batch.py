@@ -141,3 +141,18 @@ def test_bad_jobs_are_refused_with_where_they_are(hf_models):
         run([Read("logits"), "logits"], model, PROMPTS)
     with pytest.raises(TypeError, match="a list of jobs"):
         run_batch(Graph([Read("logits")]), model)
+
+
+def test_hf_runs_a_call_in_padded_batches_of_a_token_budget_with_the_same_results(hf_models):
+    whole, small = hf_models("llama"), hf_models("llama", batch_tokens=24)  # 2-3 prompts a batch at most
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    graph = (Steer(1, _vectors(whole, 1)[0], scale=3.0) >> Read("layers[2].output", positions=None)
+             >> Lens(positions=[-1], top_k=4) >> Read("logits", positions=[-1], steps="all"))
+    _assert_same(run(graph, small, prompts, sampling=GREEDY), run(graph, whole, prompts, sampling=GREEDY), "batched")
+    # a seeded sample is reproducible, and copies of a prompt in different batches differ
+    seeded = Sampling(max_tokens=6, temperature=1.0, seed=1)
+    copies = run(Read("logits"), small, [PROMPTS[0]] * 6, sampling=seeded).tokens
+    assert copies == run(Read("logits"), small, [PROMPTS[0]] * 6, sampling=seeded).tokens
+    assert len({tuple(t) for t in copies}) > 1
+    with pytest.raises(ValueError, match="batch_tokens must be a positive int"):
+        hf_models("llama", batch_tokens=0)
