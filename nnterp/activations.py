@@ -57,19 +57,31 @@ def get_token_activations(model: Any, prompts: str | Sequence[str], layers: Any 
     return torch.stack([result[f"layer{i}"] for i in range(len(chosen))])
 
 
-def collect_token_activations_batched(model: Any, prompts: Sequence[str], batch_size: int = 32,
+def collect_token_activations_batched(model: Any, prompts: Any, batch_size: int = 32,
                                       layers: Any = None, positions: Any = -1, site: str = "layers_output",
-                                      progress: bool = True, **sampling: Any) -> torch.Tensor:
+                                      progress: bool = True, *, out: Any = None, shard_prompts: int | None = None,
+                                      **sampling: Any) -> Any:
     """`get_token_activations` in batches of ``batch_size`` prompts, with a progress bar.
 
     Results are identical to the unbatched call (each prompt's activations do not
     depend on the others in its batch), and memory holds one batch of the model's
     working set plus the collected CPU results.
+
+    With ``out=DIR`` the activations stream to disk instead (``run(..., out=DIR)``):
+    ``prompts`` may then be any iterable, a file or a dataset column, memory holds two
+    shards of ``shard_prompts`` prompts whatever their number, a killed collection
+    resumes where it stopped, and the result is the directory's
+    `nnterp.dsl.stored.StoredResult`, whose output ``"layer{i}"`` is the ``i``-th chosen
+    layer's ``[n_prompts, hidden]`` (read a shard at a time with ``.batches``).
     """
     from tqdm.auto import tqdm
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if out is not None:
+        graph, _ = _graph(model, layers, positions, site)
+        return run(graph, model, prompts, sampling=Sampling(**_sampling(sampling)), out=out,
+                   shard_prompts=shard_prompts, progress=progress)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("collect_token_activations_batched: no prompts given; pass a non-empty list")
@@ -81,3 +93,11 @@ def collect_token_activations_batched(model: Any, prompts: Sequence[str], batch_
                                                **sampling))
             bar.update(len(batch))
     return torch.cat(parts, dim=1)
+
+
+def _sampling(options: dict) -> dict:
+    unknown = set(options) - {"temperature", "top_p", "max_tokens"}
+    if unknown:
+        raise TypeError(f"collect_token_activations_batched: unexpected argument(s) {', '.join(sorted(unknown))}; "
+                        "sampling takes temperature, top_p and max_tokens")
+    return options

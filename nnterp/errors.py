@@ -17,6 +17,7 @@ __all__ = [
     "ModelNotFoundError",
     "ValidationError",
     "GraphFormatError",
+    "ResultsError",
     "renamed_argument",
 ]
 
@@ -147,3 +148,13 @@ def renamed_argument(where: str, old: str, old_value: object, new: str, new_valu
 
     warnings.warn(f"{where}({old}=...) is deprecated; call it {new}=", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+class ResultsError(NnterpError, ValueError):
+    """A results directory (``run(..., out=DIR)``) cannot be read, or cannot be resumed
+    by this run: the message says what differs or what is missing, and where.
+
+    A streamed run resumes only the run that wrote the directory (same graphs, sampling,
+    model, backend, shard size and input): resuming another would mix two runs' results
+    in one dataset without a word.
+    """

@@ -34,13 +34,14 @@ from nnterp.dsl.sites import Site
 from nnterp.dsl.spec import ModelSpec
 from nnterp.dsl.validate import Problem, validate
 from nnterp.dsl.values import TensorValue
-from nnterp.errors import GraphFormatError, ValidationError
+from nnterp.errors import GraphFormatError, ResultsError, ValidationError
 
 #: public name -> module that defines it, imported on first use.
 _LAZY = {
     "run": "nnterp.dsl.running",
     "run_batch": "nnterp.dsl.running",
     "Job": "nnterp.dsl.jobs",
+    "open_results": "nnterp.dsl.stored",
     "replay": "nnterp.dsl.running",
     "RunResult": "nnterp.dsl.running",
 }
@@ -62,6 +63,7 @@ __all__ = [
     "validate",
     "ValidationError",
     "GraphFormatError",
+    "ResultsError",
     "save",
     "load",
     "to_json",

@@ -20,23 +20,22 @@ import attrs
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.nodes import Node
 from nnterp.dsl.plan import Sampling
+from nnterp.dsl.sources import iter_prompts
 
 __all__ = ["Job", "JobGroup", "as_prompts", "as_job", "group_jobs", "waves"]
 
 
 def as_prompts(prompts: Any, where: str = "run") -> tuple[str, ...]:
-    """``prompts`` (a string, or a sequence of them) as a tuple of non-empty strings.
+    """``prompts`` (a string, an iterable of them, a dataset column or a file: see
+    `nnterp.dsl.sources`) as a tuple of non-empty strings, read whole.
 
     Raises:
         ValueError: no prompt.
         TypeError: a prompt that is not a non-empty string; the message names it.
     """
-    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    prompts = tuple(iter_prompts(prompts, where))
     if not prompts:
         raise ValueError(f"{where} needs at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
-    if bad:
-        raise TypeError(f"{where}: prompts must be non-empty strings; prompts[{bad[0]}] is {prompts[bad[0]]!r:.60}")
     return prompts
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunResult"]
+__all__ = ["RunResult", "flatten_outputs", "rebuild_outputs", "atomic_write"]
 
 _MANIFEST = "manifest.json"
 _TENSORS = "tensors.safetensors"
@@ -44,6 +44,16 @@ def _rebuild(layout: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "tuple" in layout:
         return tuple(_rebuild(item, tensors) for item in layout["tuple"])
     return [_rebuild(item, tensors) for item in layout["list"]]
+
+
+def flatten_outputs(outputs: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Every tensor of ``outputs`` into ``tensors`` under ``prefix.<name>...``; the layout
+    (name -> structure of keys) that `rebuild_outputs` turns back into the outputs."""
+    return {name: _flatten(value, f"{prefix}.{name}", tensors) for name, value in outputs.items()}
+
+
+def rebuild_outputs(layout: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {name: _rebuild(item, tensors) for name, item in layout.items()}
 
 
 class RunResult:
@@ -90,13 +100,13 @@ class RunResult:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
-        layout = {name: _flatten(value, f"out.{name}", tensors) for name, value in self._outputs.items()}
+        layout = flatten_outputs(self._outputs, "out", tensors)
         for i, row in enumerate(self.tokens):
             tensors[f"tokens.{i}"] = torch.tensor(row, dtype=torch.int64)
         document = dict(self.manifest, layout=layout, texts=self.texts)
-        _atomic(os.path.join(directory, _TENSORS), lambda path: save_file(tensors, path))
+        atomic_write(os.path.join(directory, _TENSORS), lambda path: save_file(tensors, path))
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-        _atomic(os.path.join(directory, _MANIFEST), lambda path: _write_text(path, text))
+        atomic_write(os.path.join(directory, _MANIFEST), lambda path: _write_text(path, text))
         return directory
 
     @classmethod
@@ -110,7 +120,7 @@ class RunResult:
         tensors = load_file(os.path.join(directory, _TENSORS))
         layout = document.pop("layout")
         texts = document.pop("texts")
-        outputs = {name: _rebuild(item, tensors) for name, item in layout.items()}
+        outputs = rebuild_outputs(layout, tensors)
         tokens = [tensors[f"tokens.{i}"].tolist() for i in range(len(document["prompts"]))]
         return cls(outputs, tokens, texts, document)
 
@@ -120,7 +130,9 @@ def _write_text(path: str, text: str) -> None:
         handle.write(text)
 
 
-def _atomic(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Call ``write(temporary)`` and rename the temporary file to ``path``: a reader never
+    sees a half-written file, and a failed write leaves nothing behind."""
     folder = os.path.dirname(path) or "."
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     os.close(handle)

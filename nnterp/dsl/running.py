@@ -18,23 +18,28 @@ A `RunResult` carries a manifest with everything needed to run the same thing ag
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import attrs
 import torch
 
 from nnterp.limits import DEFAULT_BACKEND, limits_for
+from nnterp.dsl.assemble import assemble, drop_ended_steps
 from nnterp.dsl.graph import Graph, as_graph
 from nnterp.dsl.jobs import Job, as_job, as_prompts, group_jobs, waves
 from nnterp.dsl.lowering import lower, uses
 from nnterp.dsl.nodes import AttentionProbs, Node, Patch, Read
-from nnterp.dsl.plan import Output, OutputKey, OutputKind, Plan, Prompts, Sampling
+from nnterp.dsl.plan import OutputKey, Plan, Prompts, Sampling
 from nnterp.dsl.problem import Problem
-from nnterp.dsl.recorded import Execution, Recorded
+from nnterp.dsl.recorded import Execution
 from nnterp.dsl.results import RunResult
 from nnterp.dsl.rules import vector_rows_needed
+from nnterp.dsl.sources import count_prompts, iter_prompts
+from nnterp.dsl.stored import KIND_GRAPHS, KIND_JOBS, open_results, prompts_digest
+from nnterp.dsl.streaming import DEFAULT_SHARD_PROMPTS, Stream, stream
 from nnterp.dsl.validate import validate
 from nnterp.errors import ValidationError
 
@@ -76,8 +81,9 @@ def _cache_key(name: str | os.PathLike, backend: str | None, graph: Graph | Node
     return (os.fspath(name), backend, probs)
 
 
-def run(graph: Graph | Node | Sequence[Graph | Node], model: Any, prompts: str | Sequence[str],
-        backend: str | None = None, sampling: Sampling | None = None) -> RunResult | list[RunResult]:
+def run(graph: Graph | Node | Sequence[Graph | Node], model: Any, prompts: Any, backend: str | None = None,
+        sampling: Sampling | None = None, *, out: str | os.PathLike | None = None,
+        shard_prompts: int | None = None, progress: bool = True) -> Any:
     """Run ``graph`` on every prompt and return the named outputs.
 
     Args:
@@ -86,26 +92,40 @@ def run(graph: Graph | Node | Sequence[Graph | Node], model: Any, prompts: str |
             `RunResult`, one per graph.
         model: a loaded `StandardizedTransformer`, or a name or path (loaded with
             ``backend``, default ``"hf"``, and cached for the process).
-        prompts: a prompt or a list of them; each is its own sequence (HF: one padded
-            batch; vLLM: one request each).
+        prompts: a prompt, a list or any iterable of them, a column of a ``datasets``
+            dataset, or a ``pathlib.Path`` to a text file (a prompt per line) or a JSONL
+            file (`nnterp.dsl.sources`). Each prompt is its own sequence (HF: padded
+            batches of ``batch_tokens``; vLLM: one request each).
         backend: if given with a loaded model, it must be the model's backend.
         sampling: `Sampling` settings; default one greedy token.
+        out: a directory: stream the results there, a shard of ``shard_prompts``
+            prompts at a time, and return them as `nnterp.dsl.stored.open_results`
+            does. Memory then holds two shards, whatever the input's length, and the
+            same call after a kill resumes from the last complete shard.
+        shard_prompts: prompts per shard with ``out`` (default 8,192).
+        progress: with ``out``, a progress bar (prompts/s, tokens/s, ETA).
 
     Raises:
         ValidationError: the graph does not fit the model, the prompts or the sampling
             (every problem listed, of every graph); nothing ran.
+        ResultsError: ``out`` holds the results of another run (another graph, model,
+            sampling or input), which this one will not resume.
     """
     sampling = sampling or Sampling()
-    if isinstance(graph, (list, tuple)):
-        if not graph:
-            raise ValueError("run: the list of graphs is empty")
-        prompts = as_prompts(prompts)
-        jobs = [Job(_graph_at(g, i), prompts, sampling) for i, g in enumerate(graph)]
-        return _run_jobs(jobs, model, backend, label="graphs")
-    return _run_jobs([Job(graph, as_prompts(prompts), sampling)], model, backend, label=None)[0]
+    many = isinstance(graph, (list, tuple))
+    if many and not graph:
+        raise ValueError("run: the list of graphs is empty")
+    graphs = [_graph_at(g, i) for i, g in enumerate(graph)] if many else [as_graph(graph)]
+    label = "graphs" if many else None
+    if out is not None:
+        return _run_streamed(graphs, label, model, prompts, backend, sampling, out, shard_prompts, progress)
+    prompts = as_prompts(prompts)
+    results = _run_jobs([Job(g, prompts, sampling) for g in graphs], model, backend, label=label)
+    return results if many else results[0]
 
 
-def run_batch(jobs: Sequence[Job | tuple], model: Any, backend: str | None = None) -> list[RunResult]:
+def run_batch(jobs: Any, model: Any, backend: str | None = None, *, out: str | os.PathLike | None = None,
+              shard_prompts: int | None = None, progress: bool = True) -> Any:
     """Run many graphs in one call: one `RunResult` per job, each equal to what ``run``
     gives for that job alone.
 
@@ -116,17 +136,27 @@ def run_batch(jobs: Sequence[Job | tuple], model: Any, backend: str | None = Non
     as one plan over their prompts. On vLLM the requests of every plan go to the engine
     together and share its batches: no plan waits for another's to finish.
 
+    With ``out``, ``jobs`` may be any iterable (a generator of a million jobs): they run
+    a shard at a time (jobs holding ``shard_prompts`` prompts), each shard is written to
+    ``out`` as it completes, and the result is a lazy sequence of `RunResult`
+    (`nnterp.dsl.stored.StoredJobs`); the same call after a kill resumes.
+
     Example:
         >>> from nnterp.dsl import Lens, Steer, run_batch    # doctest: +SKIP
         >>> results = run_batch([(Steer(5, v, scale=s), prompts) for s in (2, 4, 8)], model)  # doctest: +SKIP
 
     Raises:
         ValidationError: a job's graph does not fit the model, its prompts or its
-            sampling; nothing ran.
+            sampling; nothing ran (with ``out``: nothing of that shard).
+        ResultsError: ``out`` holds the results of other jobs.
     """
-    if isinstance(jobs, (str, bytes, Graph, Node)) or not isinstance(jobs, Sequence):
+    if isinstance(jobs, (str, bytes, Graph, Node)) or not isinstance(jobs, Iterable) or \
+            (out is None and not isinstance(jobs, Sequence)):
         raise TypeError(f"run_batch takes a list of jobs, (graph, prompts) or (graph, prompts, sampling), "
-                        f"got {type(jobs).__name__}")
+                        f"got {type(jobs).__name__}" + ("" if out is not None else
+                                                        " (any iterable of jobs, with out=DIR)"))
+    if out is not None:
+        return _run_batch_streamed(jobs, model, backend, out, shard_prompts, progress)
     jobs = [as_job(item, index) for index, item in enumerate(jobs)]
     if not jobs:
         raise ValueError("run_batch needs at least one job")
@@ -147,15 +177,17 @@ def _relabel(err: ValidationError, label: str | None, index: int) -> list[Proble
 
 
 def _validate_jobs(jobs: Sequence[Job], model: Any, backend: str | None, label: str | None,
-                   prompts: Sequence[Any]) -> Any:
+                   prompts: Sequence[Any] | None, first: int = 0) -> Any:
     """Validate every job (``prompts``: each job's prompts, tokenized where the model is
     loaded); raise one `ValidationError` listing the problems of all of them. Returns a
     spec (the same model's for every job)."""
     found: list[Problem] = []
     spec = None
-    for index, (job, job_prompts) in enumerate(zip(jobs, prompts)):
+    for index, job in enumerate(jobs, start=first):
+        job_prompts = None if prompts is None else prompts[index - first]
         try:
-            spec = validate(job.graph, model, backend, prompts=job_prompts, sampling=job.sampling)
+            spec = validate(job.graph, model, backend, prompts=job_prompts,
+                            sampling=None if prompts is None else job.sampling)
         except ValidationError as err:
             if label is None or err.problems and err.problems[0].where == "model":
                 raise  # one job, or a problem with the model itself: as it is
@@ -163,28 +195,29 @@ def _validate_jobs(jobs: Sequence[Job], model: Any, backend: str | None, label: 
     if found:
         failing = sorted({p.where.split(" ", 1)[0] for p in found}, key=lambda w: int(w[len(label) + 1:-1]))
         noun = "problem" if len(found) == 1 else "problems"
-        raise ValidationError(found, header=f"{len(found)} {noun} in {', '.join(failing)} "
-                                            f"(of {len(jobs)} {label}):")
+        of = f"of {len(jobs)} {label}" if not first else f"of {label}[{first}] .. [{first + len(jobs) - 1}]"
+        raise ValidationError(found, header=f"{len(found)} {noun} in {', '.join(failing)} ({of}):")
     return spec
 
 
-def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | None) -> list[RunResult]:
+def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | None,
+              first: int = 0) -> list[RunResult]:
     probe = next((job.graph for job in jobs if uses(job.graph, AttentionProbs)), jobs[0].graph)
     if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
         # from the configuration and tokenizer alone: a graph that cannot run never
         # loads weights or starts an engine (a model already loaded is checked below)
-        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, [job.prompts for job in jobs])
+        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, [job.prompts for job in jobs], first)
     model = model_for(model, backend, probe)
     tokenizer = model.tokenizer
     # tokenized once, in one batch call: validation's position checks and the
     # executor share the ids
     every = Prompts.tokenize([p for job in jobs for p in job.prompts], tokenizer)
-    per_job, first = [], 0
+    per_job, at = [], 0
     for job in jobs:
-        stop = first + len(job.prompts)
-        per_job.append(Prompts(every.texts[first:stop], every.token_ids[first:stop]))
-        first = stop
-    spec = _validate_jobs(jobs, model, backend, label, per_job)
+        stop = at + len(job.prompts)
+        per_job.append(Prompts(every.texts[at:stop], every.token_ids[at:stop]))
+        at = stop
+    spec = _validate_jobs(jobs, model, backend, label, per_job, first)
     groups = group_jobs(jobs)
     planned = []
     for group in groups:
@@ -202,8 +235,85 @@ def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | Non
             for member, index in enumerate(group.members):
                 share = _share(execution, *group.share(member)) if len(group.members) > 1 else execution
                 results[index] = _result(jobs[index], plan, share, model, tokenizer,
-                                         batch=None if label is None else (index, len(jobs)))
+                                         batch=None if label is None else (first + index, len(jobs)),
+                                         prompt_tokens=sum(map(len, per_job[index].token_ids)))
     return results
+
+
+def _model_key(model: Any) -> dict:
+    """What identifies a model's computation for a resumed run: its configuration and
+    weights, not the path it was loaded from (a folder may move)."""
+    identity = model.identity()
+    return {"config_digest": identity["config_digest"],
+            "weights_digest": identity["weights_digest"] or identity["name_or_path"]}
+
+
+def _run_streamed(graphs: list[Graph], label: str | None, model: Any, prompts: Any, backend: str | None,
+                  sampling: Sampling, out: Any, shard_prompts: int | None, progress: bool) -> Any:
+    """``run(..., out=DIR)``: the graphs on the input a shard at a time, into ``out``."""
+    shard_prompts = _shard_size(shard_prompts)
+    jobs = [Job(g, ("validation",), sampling) for g in graphs]
+    probe = next((g for g in graphs if uses(g, AttentionProbs)), graphs[0])
+    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
+        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, None)
+    model = model_for(model, backend, probe)
+    # what does not depend on the prompts is checked before any prompt is read
+    _validate_jobs(jobs, model, backend, label, None)
+    identity = {"graphs": [g.digest() for g in graphs], "single": label is None, "sampling": attrs.asdict(sampling),
+                "model": _model_key(model), "backend": model.backend, "shard_prompts": shard_prompts}
+    plan = Stream(os.fspath(out), KIND_GRAPHS, identity, shard_prompts, progress, count_prompts(prompts))
+
+    def run_chunk(chunk: list[str], first: int) -> list[RunResult]:
+        try:
+            return _run_jobs([Job(g, chunk, sampling) for g in graphs], model, backend, label)
+        except ValidationError as err:
+            raise ValidationError(err.problems, header=f"prompts {first} .. {first + len(chunk) - 1} of the "
+                                                       f"input: {err.header or 'a problem was found:'}") from None
+
+    def manifest_of(results: list[RunResult]) -> dict:
+        manifest = {k: v for k, v in results[0].manifest.items()
+                    if k not in ("prompts", "batch", "prompt_tokens", "graph", "graph_digest")}
+        manifest["graphs"] = [r.manifest["graph"] for r in results]
+        return manifest
+
+    stream(plan, iter_prompts(prompts, "run"), run_chunk, prompts_of=lambda prompt: (prompt,),
+           manifest_of=manifest_of)
+    return open_results(out)
+
+
+def _run_batch_streamed(jobs: Iterable[Any], model: Any, backend: str | None, out: Any,
+                        shard_prompts: int | None, progress: bool) -> Any:
+    """``run_batch(..., out=DIR)``: the jobs a shard at a time, into ``out``."""
+    shard_prompts = _shard_size(shard_prompts)
+    items = (as_job(item, index) for index, item in enumerate(jobs))
+    first = next(items, None)
+    if first is None:
+        raise ValueError("run_batch needs at least one job")
+    items = itertools.chain([first], items)
+    model = model_for(model, backend, first.graph)
+    identity = {"model": _model_key(model), "backend": model.backend, "shard_prompts": shard_prompts}
+    plan = Stream(os.fspath(out), KIND_JOBS, identity, shard_prompts, progress, None)
+
+    def digest_of(chunk: list[Job]) -> str:
+        keys = [f"{job.graph.digest()}:{json.dumps(attrs.asdict(job.sampling), sort_keys=True)}:"
+                f"{prompts_digest(job.prompts)}" for job in chunk]
+        return prompts_digest(keys)
+
+    def manifest_of(results: list[RunResult]) -> dict:
+        return {k: v for k, v in results[0].manifest.items()
+                if k in ("nnterp_run", "model", "backend", "executor", "versions")}
+
+    stream(plan, items, lambda chunk, start: _run_jobs(chunk, model, backend, "jobs", first=start),
+           prompts_of=lambda job: job.prompts, manifest_of=manifest_of, digest_of=digest_of)
+    return open_results(out)
+
+
+def _shard_size(shard_prompts: int | None) -> int:
+    if shard_prompts is None:
+        return DEFAULT_SHARD_PROMPTS
+    if isinstance(shard_prompts, bool) or not isinstance(shard_prompts, int) or shard_prompts < 1:
+        raise ValueError(f"shard_prompts must be a positive int, got {shard_prompts!r}")
+    return shard_prompts
 
 
 def _share(execution: Execution, start: int, stop: int) -> Execution:
@@ -213,21 +323,15 @@ def _share(execution: Execution, start: int, stop: int) -> Execution:
 
 
 def _result(job: Job, plan: Plan, execution: Execution, model: Any, tokenizer: Any,
-            batch: tuple[int, int] | None) -> RunResult:
+            batch: tuple[int, int] | None, prompt_tokens: int) -> RunResult:
     tokens = [list(row) for row in execution.tokens]
-    outputs = _assemble(plan, _drop_ended_steps(execution), len(job.prompts))
+    outputs = assemble(plan, drop_ended_steps(execution), len(job.prompts))
     texts = [tokenizer.decode(row) for row in tokens]
     manifest = _manifest(job.graph, list(job.prompts), job.sampling, model, execution)
+    manifest["prompt_tokens"] = prompt_tokens
     if batch is not None:
         manifest["batch"] = {"job": batch[0], "jobs": batch[1]}
     return RunResult(outputs, tokens, texts, manifest)
-
-
-def _drop_ended_steps(execution: Execution) -> Recorded:
-    # A prompt whose generation ended early (end of sequence) has no later steps. vLLM
-    # stops computing it; an HF batch goes on feeding it padding, whose activations
-    # mean nothing: drop them, so both backends return the same steps.
-    return execution.values.before_end([max(1, len(row)) for row in execution.tokens])
 
 
 def _resolve_sources(graph: Graph, model: Any, spec: Any) -> Graph:
@@ -248,80 +352,6 @@ def _resolve_sources(graph: Graph, model: Any, spec: Any) -> Graph:
     nodes = [attrs.evolve(node, value=values[i], source=None) if i in values else node
              for i, node in enumerate(graph)]
     return Graph(tuple(nodes))
-
-
-def _stack(values: list[Any]) -> Any:
-    if values and all(isinstance(v, torch.Tensor) for v in values) and len({v.shape for v in values}) == 1:
-        return torch.stack(values)
-    return values
-
-
-def _value_at(output: Output, values: Recorded, prompt: int, step: int) -> Any:
-    if output.kind is not OutputKind.LENS:
-        return values.get(OutputKey(output.name, step=step, prompt=prompt))
-    per_layer = [values.get(OutputKey(output.name, step=step, prompt=prompt, layer=layer))
-                 for layer in output.layers]
-    if any(v is None for v in per_layer):
-        return None
-    if output.top_k is not None:
-        return (torch.stack([v[0] for v in per_layer]), torch.stack([v[1] for v in per_layer]))
-    return torch.stack(per_layer)
-
-
-def _pairs(items: list[Any]) -> tuple[Any, Any]:
-    """A list of ``(probs, ids)`` pairs as a pair of stacks (a lens with top_k)."""
-    return _stack([item[0] for item in items]), _stack([item[1] for item in items])
-
-
-def _stacked(output: Output, values: Recorded, n_prompts: int) -> Any | None:
-    """The output as the store already holds it, stacked over prompts (and lens layers),
-    or None when it must be read key by key."""
-    if output.kind is not OutputKind.LENS:
-        return values.stacked(output.name, None, output.steps, n_prompts)
-    per_layer = [values.stacked(output.name, layer, output.steps, n_prompts) for layer in output.layers]
-    if not per_layer or any(v is None for v in per_layer):
-        return None
-    if output.top_k is not None:
-        return (torch.stack([v[0] for v in per_layer], dim=1), torch.stack([v[1] for v in per_layer], dim=1))
-    return torch.stack(per_layer, dim=1)
-
-
-def _assemble(plan: Plan, values: Recorded, n_prompts: int) -> dict[str, Any]:
-    steps_taken: dict[tuple[str, int], set[int]] | None = None
-    outputs: dict[str, Any] = {}
-    for output in plan.outputs:
-        pairs = output.kind is OutputKind.LENS and output.top_k is not None
-        if output.multi_step:
-            if steps_taken is None:
-                steps_taken = {}
-                for key in values:
-                    steps_taken.setdefault((key.name, key.prompt), set()).add(key.step)
-            per_prompt = [[_value_at(output, values, prompt, step)
-                           for step in sorted(steps_taken.get((output.name, prompt), ()))]
-                          for prompt in range(n_prompts)]
-            outputs[output.name] = [_pairs(steps) if pairs else _stack(steps) for steps in per_prompt]
-            continue
-        stacks = output.kind is not OutputKind.ATTENTION_PROBS and output.positions is not None
-        whole = _stacked(output, values, n_prompts) if stacks else None
-        if whole is not None:
-            outputs[output.name] = whole
-            continue
-        per_prompt = []
-        for prompt in range(n_prompts):
-            value = _value_at(output, values, prompt, output.steps)
-            if value is None:
-                raise RuntimeError(
-                    f"output {output.name!r}: no value for prompts[{prompt}] at step {output.steps} "
-                    f"(did generation stop before that step?)"
-                )
-            per_prompt.append(value)
-        if pairs:
-            outputs[output.name] = _pairs(per_prompt)
-        elif not stacks:
-            outputs[output.name] = per_prompt
-        else:
-            outputs[output.name] = _stack(per_prompt)
-    return outputs
 
 
 def _versions() -> dict[str, str]:
