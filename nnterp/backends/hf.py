@@ -259,7 +259,8 @@ class HFBackend(Backend):
         ``tracer.iter``); a plan with a gradient runs one forward pass with autograd on,
         since ``generate`` runs without it, and takes the greedy next token.
         """
-        token_ids = Prompts.of(prompts, self.tokenizer).token_ids
+        prompts = Prompts.of(prompts, self.tokenizer)
+        token_ids = prompts.token_ids
         store = Recorder()
         tokens: list = []
         steps = 1 if plan.needs_grad else sampling.max_tokens
@@ -267,8 +268,8 @@ class HFBackend(Backend):
         for start, stop in batches:
             # a run seed seeds each batch apart (HF seeds torch once per generation):
             # copies of a prompt in two batches must not sample alike
-            own = sampling if len(batches) == 1 or sampling.seed is None else \
-                attrs.evolve(sampling, seed=sampling.request_seed(start))
+            own = sampling if (len(batches) == 1 and not prompts.first) or sampling.seed is None else \
+                attrs.evolve(sampling, seed=sampling.request_seed(prompts.first + start))
             tokens += self._execute_batch(plan, token_ids[start:stop], list(range(start, stop)), own, store)
         return Execution(store.recorded(), tokens, _EXECUTOR)
 

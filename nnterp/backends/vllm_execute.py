@@ -58,11 +58,12 @@ def execute_batched_many(backend: Any, jobs: Sequence[tuple[Plan, Sequence[str],
         if sampling not in templates:
             templates[sampling] = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                                  top_p=sampling.top_p, seed=sampling.seed, **options)
-        params += _tagged_copies(templates[sampling], plan_id, len(prompts), sampling)
         # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a
         # sweep in one batch call, whose cost for thousands of short prompts is about
         # that of their forward passes.
-        token_ids = Prompts.of(prompts, backend.model.tokenizer).token_ids
+        prompts = Prompts.of(prompts, backend.model.tokenizer)
+        params += _tagged_copies(templates[sampling], plan_id, len(prompts), sampling, prompts.first)
+        token_ids = prompts.token_ids
         requests += [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
                      for ids, prompt in zip(token_ids, prompts)]
     llm.collective_rpc("nnterp_install", args=([(plan_id, pickle.dumps(plan))
@@ -74,11 +75,11 @@ def execute_batched_many(backend: Any, jobs: Sequence[tuple[Plan, Sequence[str],
         # always: it also uninstalls the plans, so the engine is ready for the next call
         replies = llm.collective_rpc("nnterp_collect", args=(plan_ids,))
     blocks = next(reply for reply in replies if reply is not None and reply[0] is not None)
-    executions, first = [], 0
+    executions, at = [], 0
     for (plan, prompts, _), payload in zip(jobs, blocks):
         values, stats = read_blocks(plan, payload)
-        tokens = [output.outputs[0].token_ids for output in outputs[first:first + len(prompts)]]
-        first += len(prompts)
+        tokens = [output.outputs[0].token_ids for output in outputs[at:at + len(prompts)]]
+        at += len(prompts)
         executions.append(Execution(values, tokens, BATCHED, stats=stats))
     return executions
 
@@ -93,6 +94,7 @@ def execute_nnsight(backend: Any, plan: Plan, prompts: Sequence[str], sampling: 
     import nnsight
 
     steps = plan.max_step + 1
+    first = getattr(prompts, "first", 0)  # the run's row of the first prompt (`Prompts.first`)
     with generation_may_end_early(), backend.generate(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, seed=sampling.seed) as tracer:
@@ -102,11 +104,11 @@ def execute_nnsight(backend: Any, plan: Plan, prompts: Sequence[str], sampling: 
         # which would also ship the tracer.
         if steps == 1:
             for row, prompt in enumerate(prompts):
-                with tracer.invoke(prompt, **_own_seed(sampling, row)):
+                with tracer.invoke(prompt, **_own_seed(sampling, first + row)):
                     run_step(backend, plan, 0, [row], [0], store, RunScratch())
         else:
             for row, prompt in enumerate(prompts):
-                with tracer.invoke(prompt, **_own_seed(sampling, row)):
+                with tracer.invoke(prompt, **_own_seed(sampling, first + row)):
                     scratch = RunScratch()
                     # The loop ends early, and nothing after it runs, when the
                     # request reaches end of sequence first; so nothing follows it.
@@ -121,14 +123,15 @@ def _own_seed(sampling: Sampling, row: int) -> dict:
     return {} if sampling.seed is None else {"seed": sampling.request_seed(row)}
 
 
-def _tagged_copies(template: Any, plan_id: str, n: int, sampling: Sampling) -> list:
+def _tagged_copies(template: Any, plan_id: str, n: int, sampling: Sampling, first: int = 0) -> list:
     """``n`` shallow copies of ``template``, each tagged with its request's row.
 
     Each request needs its own params for its tag. Building each anew validates it anew,
     and vLLM's validation reads its environment variables through a slow lookup: 0.6 s of
     a 4,096-prompt lens at 1.1B on an H200 (profiled). A copy of one validated template
     skips all of it; the tag and the request's own seed (`Sampling.request_seed`) are the
-    only fields that differ.
+    only fields that differ. ``first``: the run's row of the first prompt (a part of a
+    run split across engines samples with the run's seeds).
     """
     import copy
 
@@ -137,6 +140,6 @@ def _tagged_copies(template: Any, plan_id: str, n: int, sampling: Sampling) -> l
         params = copy.copy(template)
         params.extra_args = {"nnterp": [plan_id, row]}
         if sampling.seed is not None:
-            params.seed = sampling.request_seed(row)
+            params.seed = sampling.request_seed(first + row)
         copies.append(params)
     return copies

@@ -73,6 +73,9 @@ class Prompts(Sequence[str]):
 
     texts: tuple[str, ...] = attrs.field(converter=tuple)
     token_ids: tuple[tuple[int, ...], ...] = attrs.field(converter=lambda rows: tuple(tuple(r) for r in rows))
+    #: the run's row of the first prompt: a part of a run split across engines
+    #: (`nnterp.parallel`) samples its rows with the run's seeds (`Sampling.request_seed`)
+    first: int = attrs.field(default=0, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if len(self.texts) != len(self.token_ids):
@@ -92,6 +95,10 @@ class Prompts(Sequence[str]):
 
     def __getitem__(self, index: Any) -> Any:
         return self.texts[index]
+
+    def part(self, start: int, stop: int) -> "Prompts":
+        """Prompts ``start .. stop - 1``, which keep their rows in the run (``first``)."""
+        return Prompts(self.texts[start:stop], self.token_ids[start:stop], first=self.first + start)
 
     def __len__(self) -> int:
         return len(self.texts)

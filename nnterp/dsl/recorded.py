@@ -22,7 +22,7 @@ import torch
 
 from nnterp.dsl.plan import OutputKey
 
-__all__ = ["Execution", "Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded", "block_order"]
+__all__ = ["Execution", "join_recorded", "Recorded", "KeyedValues", "Block", "BlockValues", "Recorder", "as_recorded", "block_order"]
 
 
 class Recorded(Mapping):
@@ -266,6 +266,33 @@ class Recorder:
             blocks.append(Block(name, layer, self._single[(name, layer)], meta,
                                 tuple(fields) if pair else fields[0]))
         return BlockValues(blocks, self._keyed)
+
+
+def join_recorded(parts: Sequence[tuple[int, Recorded]]) -> Recorded:
+    """One store of the values of several parts of a run, each ``(its first prompt's row
+    in the run, its values)`` numbered from 0 within the part: the inverse of
+    `Recorded.prompt_range`. Blocks stay blocks; anything else is joined key by key."""
+    if all(isinstance(values, BlockValues) for _, values in parts):
+        by_output: dict[tuple[str, int | None], list[tuple[int, Block]]] = {}
+        extra: dict[OutputKey, Any] = {}
+        for offset, values in parts:
+            for key, block in values._blocks.items():
+                by_output.setdefault(key, []).append((offset, block))
+            extra.update({attrs.evolve(k, prompt=k.prompt + offset): v for k, v in values._extra.items()})
+        blocks = []
+        for (name, layer), pieces in by_output.items():
+            meta = np.concatenate([block.meta + np.array([offset, 0, 0]) for offset, block in pieces])
+            first = pieces[0][1]
+            fields = [torch.cat([block.tensors[i] for _, block in pieces]) for i in range(len(first.tensors))]
+            order = block_order(meta)
+            if order is not None:
+                index = torch.from_numpy(order)
+                meta, fields = meta[order], [f[index] for f in fields]
+            blocks.append(Block(name, layer, first.single, meta,
+                                tuple(fields) if isinstance(first.data, tuple) else fields[0]))
+        return BlockValues(blocks, extra)
+    return KeyedValues({attrs.evolve(key, prompt=key.prompt + offset): value
+                        for offset, values in parts for key, value in values.items()})
 
 
 @attrs.frozen
