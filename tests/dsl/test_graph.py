@@ -156,9 +156,11 @@ def test_public_surface():
         "Site", "TensorValue", "ModelSpec", "Problem", "validate", "ValidationError",
         "GraphFormatError", "save", "load", "to_json", "from_json",
         "run", "replay", "Sampling", "RunResult",
+        # work bigger than one call (SPEC section 5)
+        "run_batch", "Job", "open_results", "ResultsError",
     }  # fmt: skip
     assert set(nnterp.dsl.__all__) == expected
-    for name in expected - {"run", "replay", "Sampling", "RunResult"}:
+    for name in expected - {"run", "replay", "Sampling", "RunResult", "run_batch", "Job", "open_results"}:
         assert getattr(nnterp.dsl, name) is not None
     with pytest.raises(AttributeError):
         nnterp.dsl.not_a_name
