@@ -85,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
     from nnterp.dsl import Lens
 
     graph = _load_graph(args.graph)
+    if args.prompts:
+        return _run_streamed(args, graph)
     _check_prompts(args.prompt)
     if args.plot and not any(isinstance(node, Lens) for node in graph):
         raise CommandError("--plot draws a logit lens, and this graph has no Lens node")
@@ -103,6 +105,35 @@ def _run(args: argparse.Namespace) -> int:
         print(f"saved to {args.out}/manifest.json and {args.out}/tensors.safetensors")
     if args.plot:
         _plot(result, model.tokenizer, args)
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace, graph) -> int:
+    """``run GRAPH --prompts FILE --out DIR``: the file's prompts streamed into ``DIR`` a
+    shard at a time (resumed when ``DIR`` holds an earlier run of the same command), with
+    a progress bar on a terminal."""
+    from pathlib import Path
+
+    from nnterp.dsl import run
+    from nnterp.errors import NnterpError, ValidationError
+
+    if args.prompt:
+        raise CommandError("give prompts with --prompt or --prompts FILE, not both")
+    if not args.out:
+        raise CommandError("--prompts streams the results to disk: give --out DIR")
+    if args.plot:
+        raise CommandError("--plot draws one run's lens; with --prompts, read the results with open_results")
+    if not os.path.isfile(args.prompts):
+        raise CommandError(f"no prompts file at {args.prompts!r}")
+    sampling = _sampling(args)
+    model, _ = _load_and_run(args, graph, None, sampling)
+    try:
+        stored = run(graph, model, Path(args.prompts), sampling=sampling, out=args.out,
+                     shard_prompts=args.shard_prompts, progress=args.verbose or sys.stderr.isatty())
+    except (ValidationError, NnterpError, TypeError, ValueError) as err:
+        raise CommandError(_one_line(err)) from None
+    print(f"{len(stored)} prompts in {args.out}: {len(stored.keys())} outputs ({', '.join(stored.keys())}); "
+          f"read them with nnterp.dsl.open_results({args.out!r})")
     return 0
 
 
@@ -143,6 +174,8 @@ def _load_and_run(args: argparse.Namespace, graph, prompts: list[str], sampling)
         model = model_for(args.model, backend=args.backend, graph=graph)
     except (OSError, NnterpError, ValueError) as err:
         raise _model_error(args.model, err) from None
+    if prompts is None:  # loaded only: the caller runs
+        return model, None
     _progress(args, f"running {len(graph)} nodes on {len(prompts)} prompt(s), {sampling.max_tokens} token(s)")
     try:
         return model, run(graph, model, prompts, sampling=sampling)
@@ -312,6 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     run.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     _sampling_flags(run, max_tokens=1)
+    run.add_argument("--prompts", help="a text file (a prompt per line) or a .jsonl file: stream the results "
+                                        "to --out a shard at a time, resumable")
+    run.add_argument("--shard-prompts", type=int, default=None, help="prompts per shard with --prompts (8192)")
     run.add_argument("--out", help="folder to save the manifest and tensors in")
     run.add_argument("--plot", help="PNG file for a heatmap of the graph's logit lens (first prompt)")
     _verbose_flag(run)

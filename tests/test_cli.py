@@ -162,3 +162,28 @@ def test_sampling_flags_a_version_and_a_plot_refused_before_loading(nnterp_cli, 
     with pytest.raises(SystemExit) as exited:
         nnterp_cli("--version")
     assert exited.value.code == 0
+
+
+def test_run_streams_a_prompts_file_to_disk_and_resumes(tmp_path, nnterp_cli):
+    from nnterp.dsl import open_results
+
+    graph = tmp_path / "read.json"
+    graph.write_text('{"nnterp_dsl": 1, "graph": [{"op": "read", "site": "layers[3].output"}]}')
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Fact {i}: Paris is the capital of\n" for i in range(12)))
+    out = tmp_path / "acts"
+    status, stdout, stderr = nnterp_cli("run", graph, "--prompts", prompts, "--out", out, "--shard-prompts", "5")
+    assert status == 0 and stderr == "", stderr  # no progress bar when stderr is not a terminal
+    assert "12 prompts in" in stdout and "layers[3].output" in stdout
+    stored = open_results(out)
+    assert stored.complete and stored["layers[3].output"].shape == (12, 576)
+    # the same command again finds the run complete; another file is refused in one line
+    assert nnterp_cli("run", graph, "--prompts", prompts, "--out", out, "--shard-prompts", "5")[0] == 0
+    other = tmp_path / "other.txt"
+    other.write_text("Another prompt\n")
+    status, _, err = nnterp_cli("run", graph, "--prompts", other, "--out", out, "--shard-prompts", "5")
+    _assert_one_line_error(status, err)
+    assert "holds results for other prompts" in err
+    status, _, err = nnterp_cli("run", graph, "--prompts", prompts)
+    _assert_one_line_error(status, err)
+    assert "give --out DIR" in err

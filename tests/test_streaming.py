@@ -92,8 +92,13 @@ def test_prompts_come_from_text_and_jsonl_files_and_dataset_like_columns(hf_mode
         run(Read("logits"), model, bad)
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         run(Read("logits"), model, bad, out=tmp_path / "bad", progress=False)
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_dict({"text": PROMPTS[:5], "id": list(range(5))})
+    column = run(Read("layers[0].output"), model, dataset["text"], out=tmp_path / "column", shard_prompts=2,
+                 progress=False)
+    assert column.prompts == PROMPTS[:5] and column["layers[0].output"].shape[0] == 5
     with pytest.raises(TypeError, match=r"a dataset iterates rows: pass one column, dataset\['text'\]"):
-        run(Read("logits"), model, [{"text": "a"}])
+        run(Read("logits"), model, dataset)
     with pytest.raises(TypeError, match=r"prompts\[2\] is ''"):
         run(Read("logits"), model, iter(["a", "b", ""]), out=tmp_path / "empty", progress=False)
 

@@ -5,8 +5,9 @@ safetensors file that a colleague can read without nnterp, and an ``index.json``
 says what the shards are and what produced them:
 
 * ``index.json``: ``{"nnterp_results": 1, "kind", "identity", "manifest", "shards":
-  [{"file", "prompts", "first", "digest"}], "prompts", "complete"}``: a shard's digest is
-  that of its input (`prompts_digest`; for jobs, their graphs and sampling too). ``identity``
+  [{"file", "prompts", "first", "digest"}], "prompts", "digest", "complete"}``: a shard's
+  digest is that of its input (`prompts_digest`; for jobs, their graphs and sampling
+  too), and the index's ``digest`` chains them: one digest of the whole input. ``identity``
   is what a resumed run must match (graph digests, sampling, model and weights digests,
   backend, shard size); ``manifest`` is a run manifest (`RunResult.manifest`) without
   its prompts.

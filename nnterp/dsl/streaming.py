@@ -158,6 +158,8 @@ def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], i
             index["manifest"] = manifest_of(results)
         index["shards"].append(entry)
         index["prompts"] += entry["prompts"]
+        # the input so far, as one digest: a chain of the shards' digests
+        index["digest"] = prompts_digest([index.get("digest", ""), entry["digest"]])
         write_index(directory, index)
 
     try:
