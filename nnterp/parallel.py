@@ -6,7 +6,8 @@
 identity) as its first replica does, and it runs a call by splitting every job's
 prompts into one contiguous part per replica, running the parts at once, and joining
 the results in order. Each part keeps its prompts' rows in the run (`Prompts.first`),
-so a seeded sample is the one a single engine gives.
+so on vLLM, which seeds each request from its row, a seeded sample is the one a single
+engine gives (HF seeds a whole batch, so its samples depend on how a run is batched).
 
 Two kinds of replicas:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 from typing import Any, Sequence
 
 from nnterp.dsl.plan import Prompts
@@ -53,6 +55,7 @@ class DataParallel:
         self._spec, self.tokenizer, self._identity = spec, tokenizer, identity
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.replicas),
                                                            thread_name_prefix="nnterp-replica")
+        self._lock = threading.Lock()
 
     # -- building --------------------------------------------------------------------------
 
@@ -104,8 +107,8 @@ class DataParallel:
     def on_ray(cls, name_or_path: str, replicas: int, *, num_gpus: float = 1.0, num_cpus: float = 1.0,
                max_restarts: int = 2, **kwargs: Any) -> "DataParallel":
         """``replicas`` Ray actors, each loading ``name_or_path`` with ``kwargs`` (its own
-        engine), placed by Ray on the cluster ``ray.init`` connected to (started here,
-        local, when none is).
+        engine; ``backend="vllm"`` unless given), placed by Ray on the cluster ``ray.init``
+        connected to (started here, local, when none is).
 
         Args:
             num_gpus, num_cpus: resources of each actor (``num_gpus=0`` on CPU hosts).
@@ -114,6 +117,7 @@ class DataParallel:
         """
         import ray
 
+        kwargs.setdefault("backend", "vllm")
         if not ray.is_initialized():
             ray.init()
         actor = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
@@ -152,9 +156,13 @@ class DataParallel:
             for k in range(n):
                 if bounds[k + 1] > bounds[k]:
                     shares[k].append((plan, prompts.part(bounds[k], bounds[k + 1]), sampling))
-        futures = [self._pool.submit(replica.execute_many, share) if share else None
-                   for replica, share in zip(self.replicas, shares)]
-        done = [future.result() if future is not None else [] for future in futures]
+        with self._lock:  # one call at a time: each engine runs one call's parts
+            futures = [self._pool.submit(replica.execute_many, share) if share else None
+                       for replica, share in zip(self.replicas, shares)]
+            # every part ends before this call does, even when one fails: an engine
+            # still running a part when the next call starts would mix the two
+            concurrent.futures.wait([f for f in futures if f is not None])
+            done = [future.result() if future is not None else [] for future in futures]
         executions = []
         taken = [0] * n
         for job, span in enumerate(spans):

@@ -91,6 +91,9 @@ def test_a_batch_that_needs_more_vectors_than_the_engine_holds_runs_in_waves(vll
     model = vllm_models("llama", vector_rows=8)  # 7 rows for edits: 12 steers need two waves
     assert ModelSpec.from_model(model).vector_rows == 8
     graphs = [Steer(i % 3, vector, scale=2.0) >> Read("logits") for i, vector in enumerate(_vectors(model, 12))]
+    # each of these uses up to 3 rows (none, zero) x (steer or not), though it needs 1 at least
+    graphs += [Zero("layers[1].output", positions=[0]) >> Steer(1, vector) >> Read("logits")
+               for vector in _vectors(model, 6, scale=1.0)]
     swept = run(graphs, model, PROMPTS, sampling=GREEDY)
     for index, (graph, result) in enumerate(zip(graphs, swept)):
         _assert_same(result, run(graph, model, PROMPTS, sampling=GREEDY), f"graphs[{index}]")

@@ -57,6 +57,16 @@ def test_a_streamed_run_equals_the_same_run_in_memory(backend, hf_models, vllm_m
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, again["layers[1].output"].tolist()))
     with pytest.raises(TypeError, match="read it with shards"):
         next(again.batches("layers[2].output", batch_size=4))
+    if backend == "vllm":  # each request samples with its row's seed, whichever shard it is in
+        seeded = Sampling(max_tokens=4, temperature=1.0, seed=5)
+        copies = [PROMPTS[0]] * 7
+        streamed = run(Read("logits"), model, copies, sampling=seeded, out=tmp_path / "seeded", shard_prompts=3,
+                       progress=False)
+        assert streamed.tokens == run(Read("logits"), model, copies, sampling=seeded).tokens
+    # no input at all: refused, and the directory is left as it was
+    with pytest.raises(ValueError, match="at least one prompt"):
+        run(GRAPH, model, iter([]), out=tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty" / INDEX).exists()
 
 
 def test_several_graphs_and_jobs_stream_too(hf_models, tmp_path):
@@ -126,6 +136,14 @@ def test_a_directory_is_resumed_only_by_the_run_that_wrote_it(hf_models, tmp_pat
             run(arguments.pop("graph"), arguments.pop("model"), arguments.pop("prompts"), out=out,
                 progress=False, **arguments)
     assert (out / INDEX).read_text() == index and stored.complete
+    jobs = [(GRAPH, PROMPTS[:3], SAMPLING), (Read("layers[0].output"), PROMPTS[3:5])]
+    run_batch(jobs, model, out=tmp_path / "jobs", shard_prompts=2, progress=False)
+    with pytest.raises(ResultsError, match=r"other jobs \(graphs, sampling or prompts\)"):
+        run_batch([jobs[0], (Read("layers[1].output"), PROMPTS[3:5])], model, out=tmp_path / "jobs",
+                  shard_prompts=2, progress=False)
+    (out / "shard-00002.safetensors").unlink()
+    with pytest.raises(ResultsError, match="names 1 shard"):
+        run(GRAPH, model, PROMPTS, sampling=SAMPLING, out=out, shard_prompts=5, progress=False)
     with pytest.raises(ResultsError, match="no index.json"):
         open_results(tmp_path)
 

@@ -113,8 +113,9 @@ class VectorTable:
             return found
         if len(self._rows) + 1 >= self.capacity:
             raise OverflowError(
-                f"the plan's edits need more than {self.capacity} distinct vectors; load the model with "
-                f"a larger table, StandardizedTransformer(..., backend='vllm', vector_rows=N)")
+                f"the edits of the plans installed together need more than {self.capacity} distinct vectors; "
+                f"load the model with a larger table, StandardizedTransformer(..., backend='vllm', "
+                f"vector_rows=N)")
         found = self._rows[key] = len(self._rows) + 1
         self._write_row(found, vector())
         return found

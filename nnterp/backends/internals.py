@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "torch_module", "is_interleaving", "untraced_generate", "engine_class", "sampling_params_fields",
     "new_requests", "preempted_request_ids", "scheduled_step", "engine_model", "logits_module",
-    "compute_logits", "unembed", "plain_engine_steps", "request_token_ids", "RUNNER_HOOKS", "GPU_WORKER_CLS",
+    "compute_logits", "unembed", "plain_engine_steps", "abort_unfinished", "request_token_ids", "RUNNER_HOOKS", "GPU_WORKER_CLS",
     "GPU_COMPILED_WORKER_CLS", "CPU_WORKER_CLS",
 ]
 
@@ -185,6 +185,19 @@ def plain_engine_steps(engine: Any) -> Iterator[None]:
         yield
     finally:
         engine.__class__ = own
+
+
+def abort_unfinished(engine: Any) -> None:
+    """Abort every request ``engine`` (an ``LLMEngine``) still holds. ``LLM.generate``
+    leaves its requests in the engine when it is interrupted (an exception, Ctrl-C):
+    they would finish during the next call and be counted among its outputs."""
+    ids = list(getattr(getattr(engine, "output_processor", None), "request_states", {}) or ())
+    if not ids:
+        return
+    try:
+        engine.abort_request(ids, internal=True)
+    except TypeError:  # vLLM without internal request ids
+        engine.abort_request(ids)
 
 
 def request_token_ids(output: Any, pad: int) -> torch.Tensor:

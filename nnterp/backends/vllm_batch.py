@@ -374,15 +374,20 @@ class StepEngine:
                 if not lens[start]:
                     run.keep(index, host[start:stop], meta[start:stop])
         if lens.any():
-            picked = seen if lens.all() else seen[upload(np.flatnonzero(lens), device)]
-            at = np.cumsum(lens) - 1  # each lens row's index in `picked`
-            wanted = {run.plan.ops[index].top_k for run, index, start, _ in groups if lens[start]}
-            results = {top_k: self._lens(picked, top_k) for top_k in wanted}
+            # each lens's rows are projected with the others of its top_k only: plans
+            # sharing a step may ask for the full distribution and for a top 5
+            by_top_k: dict[Any, list[tuple[PlanRun, int, int, int]]] = {}
             for run, index, start, stop in groups:
                 if lens[start]:
-                    part = results[run.plan.ops[index].top_k]
-                    first = int(at[start])
+                    by_top_k.setdefault(run.plan.ops[index].top_k, []).append((run, index, start, stop))
+            for top_k, members in by_top_k.items():
+                rows = np.concatenate([np.arange(start, stop) for _, _, start, stop in members])
+                whole = len(rows) == len(seen)
+                part = self._lens(seen if whole else seen[upload(rows, device)], top_k)
+                first = 0
+                for run, index, start, stop in members:
                     cut = slice(first, first + stop - start)
+                    first += stop - start
                     run.keep(index, tuple(t[cut] for t in part) if isinstance(part, tuple) else part[cut],
                              meta[start:stop])
 

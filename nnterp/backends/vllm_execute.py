@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from nnterp.backends.internals import plain_engine_steps, sampling_params_fields
+from nnterp.backends.internals import abort_unfinished, plain_engine_steps, sampling_params_fields
 from nnterp.backends.interpret import RunScratch, generation_may_end_early, run_step
 from nnterp.dsl.plan import Plan, Prompts, Sampling
 from nnterp.dsl.recorded import Execution
 
-__all__ = ["execute_batched_many", "execute_nnsight", "BATCHED", "PER_REQUEST"]
+__all__ = ["execute_batched_many", "execute_async_many", "BatchRequests", "execute_nnsight", "BATCHED", "PER_REQUEST"]
 
 #: how each executor runs plans, as the run manifest records it
 PER_REQUEST = "vllm/nnsight: one request per prompt, one intervention per request"
@@ -33,55 +33,113 @@ def execute_batched_many(backend: Any, jobs: Sequence[tuple[Plan, Sequence[str],
     them go to the engine as one ``generate`` (so they share its batches: no plan waits
     for another's to drain), each tagged with its plan and row; then each plan's
     records are collected. One `Execution` per job, in order."""
-    import pickle
-    import uuid
-
-    from vllm import SamplingParams
-
-    from nnterp.backends.vllm_transport import read_blocks
-
     llm = backend.model.vllm_entrypoint
-    plan_ids = [uuid.uuid4().hex for _ in jobs]
-    # A prefix served from vLLM's cache is never computed, so no hook would see it, and
-    # a prefix a plan edited must not be served to anyone else: with prefix caching on,
-    # the run neither reads the cache nor shares what it writes (each plan its own salt).
-    fields = sampling_params_fields()
-    options = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
-    if "skip_clone" in fields:
-        options["skip_clone"] = True  # each request has its own params: no deep copy needed
-    # run decodes the generated tokens itself; vLLM's own detokenizer would decode them
-    # a second time, request by request (7% of a 1.1B collect of 8,192 prompts on an H200)
-    options["detokenize"] = False
-    requests, params = [], []
-    templates: dict[Sampling, Any] = {}
-    for plan_id, (plan, prompts, sampling) in zip(plan_ids, jobs):
-        if sampling not in templates:
-            templates[sampling] = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                                 top_p=sampling.top_p, seed=sampling.seed, **options)
-        # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a
-        # sweep in one batch call, whose cost for thousands of short prompts is about
-        # that of their forward passes.
-        prompts = Prompts.of(prompts, backend.model.tokenizer)
-        params += _tagged_copies(templates[sampling], plan_id, len(prompts), sampling, prompts.first)
-        token_ids = prompts.token_ids
-        requests += [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
-                     for ids, prompt in zip(token_ids, prompts)]
-    llm.collective_rpc("nnterp_install", args=([(plan_id, pickle.dumps(plan))
-                                                for plan_id, (plan, _, _) in zip(plan_ids, jobs)],))
+    batch = BatchRequests.of(jobs, backend.model.tokenizer)
+    llm.collective_rpc("nnterp_install", args=(batch.payloads(),))
     try:
         with plain_engine_steps(llm.llm_engine):
-            outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
+            outputs = llm.generate(batch.requests, sampling_params=batch.params, use_tqdm=False)
+    except BaseException:
+        abort_unfinished(llm.llm_engine)  # else they finish in, and count as, the next call
+        raise
     finally:
         # always: it also uninstalls the plans, so the engine is ready for the next call
-        replies = llm.collective_rpc("nnterp_collect", args=(plan_ids,))
-    blocks = next(reply for reply in replies if reply is not None and reply[0] is not None)
-    executions, at = [], 0
-    for (plan, prompts, _), payload in zip(jobs, blocks):
-        values, stats = read_blocks(plan, payload)
-        tokens = [output.outputs[0].token_ids for output in outputs[at:at + len(prompts)]]
-        at += len(prompts)
-        executions.append(Execution(values, tokens, BATCHED, stats=stats))
-    return executions
+        replies = llm.collective_rpc("nnterp_collect", args=(batch.plan_ids,))
+    # outputs come in request order; a stray request's output would shift them all
+    if len(outputs) != len(batch.requests) or any(
+            list(output.prompt_token_ids) != request["prompt_token_ids"]
+            for output, request in zip(outputs, batch.requests)):
+        raise RuntimeError("nnterp: the engine returned outputs that are not this call's requests (a request "
+                           "of an interrupted call?); run again")
+    return batch.executions(replies, [output.outputs[0].token_ids for output in outputs])
+
+
+async def execute_async_many(engine: Any, tokenizer: Any,
+                             jobs: Sequence[tuple[Plan, Sequence[str], Sampling]]) -> list[Execution]:
+    """`execute_batched_many` on vLLM's asynchronous engine (``AsyncLLM``, what a server
+    runs): the requests go to the engine one by one, each awaited at once, so they join
+    its running batches with every other client's."""
+    import asyncio
+    import uuid
+
+    batch = BatchRequests.of(jobs, tokenizer)
+    await engine.collective_rpc("nnterp_install", args=(batch.payloads(),))
+
+    async def one(request: dict, params: Any) -> list[int]:
+        final = None
+        async for output in engine.generate(request, params, request_id=f"nnterp-{uuid.uuid4().hex}"):
+            final = output
+        return list(final.outputs[0].token_ids)
+
+    try:
+        tokens = await asyncio.gather(*(one(r, p) for r, p in zip(batch.requests, batch.params)))
+    finally:
+        replies = await engine.collective_rpc("nnterp_collect", args=(batch.plan_ids,))
+    return batch.executions(replies, tokens)
+
+
+class BatchRequests:
+    """The engine requests of several plans' jobs: each prompt a request of token ids
+    tagged with its plan and row, and what to make of the engine's replies."""
+
+    def __init__(self, jobs: Sequence[tuple[Plan, Any, Sampling]], plan_ids: list[str], requests: list[dict],
+                 params: list[Any]) -> None:
+        self.jobs, self.plan_ids, self.requests, self.params = jobs, plan_ids, requests, params
+
+    @classmethod
+    def of(cls, jobs: Sequence[tuple[Plan, Sequence[str], Sampling]], tokenizer: Any) -> "BatchRequests":
+        import uuid
+
+        from vllm import SamplingParams
+
+        plan_ids = [uuid.uuid4().hex for _ in jobs]
+        # A prefix served from vLLM's cache is never computed, so no hook would see it,
+        # and a prefix a plan edited must not be served to anyone else: with prefix
+        # caching on, the run neither reads the cache nor shares what it writes (each
+        # plan its own salt).
+        fields = sampling_params_fields()
+        options = {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
+        if "skip_clone" in fields:
+            options["skip_clone"] = True  # each request has its own params: no deep copy needed
+        # run decodes the generated tokens itself; vLLM's own detokenizer would decode
+        # them a second time, request by request (7% of a 1.1B collect of 8,192 prompts
+        # on an H200)
+        options["detokenize"] = False
+        requests, params, tokenized = [], [], []
+        templates: dict[Sampling, Any] = {}
+        for plan_id, (plan, prompts, sampling) in zip(plan_ids, jobs):
+            if sampling not in templates:
+                templates[sampling] = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                                     top_p=sampling.top_p, seed=sampling.seed, **options)
+            # Token ids, as vLLM would tokenize each prompt one by one: `run` tokenizes a
+            # sweep in one batch call, whose cost for thousands of short prompts is about
+            # that of their forward passes.
+            prompts = Prompts.of(prompts, tokenizer)
+            tokenized.append((plan, prompts, sampling))
+            params += _tagged_copies(templates[sampling], plan_id, len(prompts), sampling, prompts.first)
+            requests += [{"prompt_token_ids": list(ids), "prompt": prompt, "cache_salt": f"nnterp-{plan_id}"}
+                         for ids, prompt in zip(prompts.token_ids, prompts)]
+        return cls(tokenized, plan_ids, requests, params)
+
+    def payloads(self) -> list[tuple[str, bytes]]:
+        """What ``nnterp_install`` takes: each plan, pickled, under its id."""
+        import pickle
+
+        return [(plan_id, pickle.dumps(plan)) for plan_id, (plan, _, _) in zip(self.plan_ids, self.jobs)]
+
+    def executions(self, replies: Sequence[Any], tokens: Sequence[Sequence[int]]) -> list[Execution]:
+        """One `Execution` per job from the workers' ``nnterp_collect`` replies and each
+        request's generated tokens (in request order)."""
+        from nnterp.backends.vllm_transport import read_blocks
+
+        blocks = next(reply for reply in replies if reply is not None and reply[0] is not None)
+        executions, at = [], 0
+        for (plan, prompts, _), payload in zip(self.jobs, blocks):
+            values, stats = read_blocks(plan, payload)
+            executions.append(Execution(values, tokens[at:at + len(prompts)], BATCHED, stats=stats))
+            at += len(prompts)
+        return executions
+
 
 def execute_nnsight(backend: Any, plan: Plan, prompts: Sequence[str], sampling: Sampling) -> Execution:
     """One request (invoke) per prompt, in one nnsight trace.

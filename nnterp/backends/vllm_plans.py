@@ -89,6 +89,7 @@ class InstalledPlans:
         self._recorded_to: dict[str, int] = {}
         self._view: BatchView | None = None
         self._constant: dict[int, np.ndarray] | None = None
+        self._installs = 0
 
     def __bool__(self) -> bool:
         return bool(self.by_id)
@@ -97,7 +98,10 @@ class InstalledPlans:
         if plan_id in self.by_id:
             raise RuntimeError(f"nnterp: plan {plan_id} is already installed in this engine")
         slot = max(self.by_slot, default=-1) + 1
-        run = PlanRun(plan, PlanProgram(plan, self.site_index, self.vectors, tag=slot), slot)
+        # the vectors' key in the shared table is the install, not the slot: a slot may
+        # be taken again while the table still holds its earlier plan's rows
+        self._installs += 1
+        run = PlanRun(plan, PlanProgram(plan, self.site_index, self.vectors, tag=self._installs), slot)
         self.by_id[plan_id] = self.by_slot[slot] = run
         self._changed()
         return run

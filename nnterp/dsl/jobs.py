@@ -3,8 +3,8 @@
 A `Job` is a graph, its prompts and its sampling: one graph per prompt, contrastive pairs
 and per-prompt steering vectors are all lists of jobs. ``run_batch`` validates every job
 before anything runs, then hands the backend *groups*: jobs with the same graph and the
-same sampling run as one plan over their prompts put end to end (HF pads them into one
-batch; vLLM installs one plan), and are split back afterwards. Different groups go to
+same sampling run as one plan over their prompts put end to end (HF in padded batches
+of its ``batch_tokens``; vLLM installs one plan), and are split back afterwards. Different groups go to
 the backend together (`Backend.execute_many`), in *waves* that fit the engine's table
 of edit vectors, which the plans installed at once share.
 

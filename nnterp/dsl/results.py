@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunResult", "flatten_outputs", "rebuild_outputs", "atomic_write"]
+__all__ = ["RunResult", "flatten_outputs", "rebuild_outputs", "atomic_write", "result_to_bytes", "result_from_bytes"]
 
 _MANIFEST = "manifest.json"
 _TENSORS = "tensors.safetensors"
@@ -123,6 +123,40 @@ class RunResult:
         outputs = rebuild_outputs(layout, tensors)
         tokens = [tensors[f"tokens.{i}"].tolist() for i in range(len(document["prompts"]))]
         return cls(outputs, tokens, texts, document)
+
+
+def result_to_bytes(result: RunResult) -> bytes:
+    """A `RunResult` as one safetensors document (what a server sends back): the outputs
+    and tokens as tensors, the layout, texts and manifest in its metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    layout = flatten_outputs({name: result[name] for name in result.keys()}, "out", tensors)
+    lengths = torch.tensor([len(row) for row in result.tokens], dtype=torch.int64)
+    tensors["tokens"] = torch.tensor([t for row in result.tokens for t in row], dtype=torch.int64)
+    tensors["tokens.offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    meta = {"layout": layout, "texts": result.texts, "manifest": result.manifest}
+    return save(tensors, metadata={"nnterp_result": "1", "meta": json.dumps(meta)})
+
+
+def result_from_bytes(data: bytes) -> RunResult:
+    """The `RunResult` that `result_to_bytes` wrote.
+
+    Raises:
+        ValueError: ``data`` is not such a document.
+    """
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        # the header: 8 bytes of its length (little-endian), then JSON with the metadata
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8:8 + size])["__metadata__"]["meta"])
+    except Exception as err:
+        raise ValueError(f"not an nnterp result document ({type(err).__name__}: {err})") from None
+    flat, offsets = tensors["tokens"].tolist(), tensors["tokens.offsets"].tolist()
+    tokens = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return RunResult(rebuild_outputs(meta["layout"], tensors), tokens, meta["texts"], meta["manifest"])
 
 
 def _write_text(path: str, text: str) -> None:

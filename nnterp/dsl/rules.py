@@ -17,7 +17,7 @@ from nnterp.dsl.spec import ModelSpec, backends_supporting
 from nnterp.dsl.steps import includes_prompt_pass, reaches_generated_token, steer_steps, wanted_positions
 from nnterp.sites import SiteKind
 
-__all__ = ["context_problems", "capacity_problems", "vector_rows_needed"]
+__all__ = ["context_problems", "capacity_problems", "vector_rows_needed", "vector_rows_bound"]
 
 
 #: the most prompts a problem about prompts lists by index, before "and N more"
@@ -116,6 +116,25 @@ def vector_rows_needed(graph: Any) -> int:
     """Rows of the engine's vector table a graph's edits need, at least (several steers
     at one site that act on different tokens may need a row per combination)."""
     return sum(_vectors(node) for node in graph)
+
+
+def vector_rows_bound(graph: Any) -> int:
+    """Rows of the engine's vector table a graph's edits may need, at most: at each site,
+    one row per combination of what starts a token's edit (nothing, a zero, a patch row)
+    and the steers added after it. What plans installed together may use, so that a
+    wave of them never runs out of rows mid-run (`vector_rows_needed` is the least)."""
+    sites: dict[Any, tuple[int, int]] = {}
+    for node in graph:
+        if isinstance(node, Steer):
+            key = (SiteKind.LAYERS_OUTPUT, node.layer)
+            starts, steers = sites.get(key, (1, 0))
+            sites[key] = (starts, steers + 1)
+        elif isinstance(node, (Zero, Patch)):
+            key = (node.site.kind, node.site.layer)
+            starts, steers = sites.get(key, (1, 0))
+            sites[key] = (starts + max(1, _vectors(node)), steers)
+    bound = sum(starts * 2 ** min(steers, 16) - 1 for starts, steers in sites.values())
+    return max(bound, vector_rows_needed(graph))
 
 
 @rule(Node)

@@ -36,7 +36,7 @@ from nnterp.dsl.plan import OutputKey, Plan, Prompts, Sampling
 from nnterp.dsl.problem import Problem
 from nnterp.dsl.recorded import Execution
 from nnterp.dsl.results import RunResult
-from nnterp.dsl.rules import vector_rows_needed
+from nnterp.dsl.rules import vector_rows_bound
 from nnterp.dsl.sources import count_prompts, iter_prompts
 from nnterp.dsl.stored import KIND_GRAPHS, KIND_JOBS, open_results, prompts_digest
 from nnterp.dsl.streaming import DEFAULT_SHARD_PROMPTS, Stream, stream
@@ -201,7 +201,10 @@ def _validate_jobs(jobs: Sequence[Job], model: Any, backend: str | None, label: 
 
 
 def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | None,
-              first: int = 0) -> list[RunResult]:
+              first: int = 0, first_row: int = 0) -> list[RunResult]:
+    """The jobs' results. ``first``: the index of the first job in the caller's batch (its
+    problems' names); ``first_row``: the run's row of each job's first prompt (a shard of
+    a streamed run: its prompts sample with the run's seeds, `Prompts.first`)."""
     probe = next((job.graph for job in jobs if uses(job.graph, AttentionProbs)), jobs[0].graph)
     if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
         # from the configuration and tokenizer alone: a graph that cannot run never
@@ -215,7 +218,7 @@ def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | Non
     per_job, at = [], 0
     for job in jobs:
         stop = at + len(job.prompts)
-        per_job.append(Prompts(every.texts[at:stop], every.token_ids[at:stop]))
+        per_job.append(Prompts(every.texts[at:stop], every.token_ids[at:stop], first=first_row))
         at = stop
     spec = _validate_jobs(jobs, model, backend, label, per_job, first)
     groups = group_jobs(jobs)
@@ -225,8 +228,9 @@ def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | Non
         resolved = _resolve_sources(job.graph, model, spec)
         plan = lower(resolved, spec, max_tokens=job.sampling.max_tokens,
                      token_id=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0])
-        prompts = Prompts(group.prompts, tuple(ids for i in group.members for ids in per_job[i].token_ids))
-        planned.append((group, plan, prompts, job.sampling, vector_rows_needed(resolved)))
+        prompts = Prompts(group.prompts, tuple(ids for i in group.members for ids in per_job[i].token_ids),
+                          first=first_row)
+        planned.append((group, plan, prompts, job.sampling, vector_rows_bound(resolved)))
     capacity = None if spec.vector_rows is None else spec.vector_rows - 1
     results: list[RunResult | None] = [None] * len(jobs)
     for wave in waves(planned, need=lambda item: item[4], capacity=capacity):
@@ -265,7 +269,7 @@ def _run_streamed(graphs: list[Graph], label: str | None, model: Any, prompts: A
 
     def run_chunk(chunk: list[str], first: int) -> list[RunResult]:
         try:
-            return _run_jobs([Job(g, chunk, sampling) for g in graphs], model, backend, label)
+            return _run_jobs([Job(g, chunk, sampling) for g in graphs], model, backend, label, first_row=first)
         except ValidationError as err:
             raise ValidationError(err.problems, header=f"prompts {first} .. {first + len(chunk) - 1} of the "
                                                        f"input: {err.header or 'a problem was found:'}") from None

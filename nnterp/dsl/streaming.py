@@ -20,9 +20,9 @@ This module runs nothing itself: ``run`` hands it a function that runs one chunk
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import itertools
 import os
+import re
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -89,21 +89,31 @@ def _skip_done(directory: str, shards: list[dict], items: Iterator[Any], digest_
     for number, shard in enumerate(shards):
         taken = list(itertools.islice(items, sizes(shard)))
         if len(taken) < sizes(shard) or digest_of(taken) != shard["digest"]:
+            what = "jobs (graphs, sampling or prompts)" if "jobs" in shard else "prompts"
             raise ResultsError(
-                f"{directory} holds results for other prompts: shard {number} (prompts {first} .. "
-                f"{first + shard['prompts'] - 1}) was written for prompts this run's input does not start with; "
+                f"{directory} holds results for other {what}: shard {number} (prompts {first} .. "
+                f"{first + shard['prompts'] - 1}) was written for {what} this run's input does not start with; "
                 f"pass the same input to resume, another out= directory, or delete this one to start over")
         first += shard["prompts"]
 
 
+_SHARD = re.compile(r"^shard-(\d{5,})\.safetensors$")
+
+
 def _remove_strays(directory: str, done: int) -> None:
     """Shards past the index's (written, but killed before the index named them) and
-    temporary files of a killed write."""
-    for path in glob.glob(os.path.join(directory, "shard-*.safetensors")) + \
-            glob.glob(os.path.join(directory, ".tmp-*")):
-        name = os.path.basename(path)
-        if name.startswith(".tmp-") or int(name[len("shard-"):-len(".safetensors")]) >= done:
-            os.remove(path)
+    temporary files of a killed write. Only names this module writes are touched."""
+    for name in os.listdir(directory):
+        match = _SHARD.match(name)
+        if (match and int(match.group(1)) >= done) or name.startswith(".tmp-"):
+            os.remove(os.path.join(directory, name))
+
+
+def _check_files(directory: str, shards: list[dict]) -> None:
+    missing = [shard["file"] for shard in shards if not os.path.exists(os.path.join(directory, shard["file"]))]
+    if missing:
+        raise ResultsError(f"{directory}: the index names {len(missing)} shard(s) that are not there "
+                           f"({', '.join(missing[:3])}); restore them, or delete the directory to start over")
 
 
 def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], int], list[RunResult]],
@@ -137,6 +147,7 @@ def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], i
                  "shards": [], "prompts": 0, "complete": False}
     jobs = plan.kind == KIND_JOBS
     count = (lambda shard: shard["jobs"]) if jobs else (lambda shard: shard["prompts"])
+    _check_files(directory, index["shards"])
     _skip_done(directory, index["shards"], items, digest_of, count)
     if index.get("complete"):
         if next(items, None) is not None:
@@ -182,6 +193,8 @@ def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], i
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
         if pending is not None:
             pending.result()
+        if not index["shards"]:
+            raise ValueError("run needs at least one prompt; the input is empty")
         index["complete"] = True
         write_index(directory, index)
     finally:
