@@ -1,5 +1,5 @@
-"""The command line: ``python -m nnterp demo|lens|steer|run|validate`` (also the ``nnterp``
-script).
+"""The command line: ``python -m nnterp demo|lens|steer|run|validate|serve`` (also the
+``nnterp`` script).
 
 Every command turns bad input into one line on stderr and a non-zero exit: a
 researcher mistyping a path should read what is wrong, not a traceback. Unexpected
@@ -359,7 +359,56 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     _verbose_flag(check)
     check.set_defaults(handler=_validate)
+
+    serve = commands.add_parser("serve", help="serve a model: vLLM's OpenAI API with graphs, and /nnterp/run")
+    serve.add_argument("model", nargs="?", default="bundled", help="a model folder, hub name or 'bundled'")
+    serve.add_argument("--backend", choices=("vllm",), default="vllm")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--api-key", action="append", default=[], help="a key clients must send; repeat for several")
+    serve.add_argument("--api-key-file", help="a file of keys, one per line")
+    for name, help_text in (("document-bytes", "bytes of a graph document"), ("nodes", "nodes per graph"),
+                            ("tensor-bytes", "bytes of a request's tensors"), ("prompts", "prompts per run request"),
+                            ("max-tokens", "tokens one request may generate"),
+                            ("output-bytes", "bytes of one run's results")):
+        flag = name if name.startswith("max-") else f"max-{name}"
+        serve.add_argument(f"--{flag}", type=int, default=None, help=f"limit: {help_text}")
+    serve.add_argument("--shutdown-timeout", type=int, default=10,
+                       help="seconds in-flight requests get to finish on SIGTERM")
+    _verbose_flag(serve)
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import attrs
+
+    from nnterp.serve.limits import ServeLimits
+
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file) as handle:
+                keys += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+        except OSError as err:
+            raise CommandError(f"cannot read --api-key-file {args.api_key_file!r}: {err.strerror}") from None
+        if not keys:
+            raise CommandError(f"--api-key-file {args.api_key_file!r} holds no key")
+    chosen = {field.name: getattr(args, "max_tokens" if field.name == "max_tokens" else f"max_{field.name}")
+              for field in attrs.fields(ServeLimits)}
+    try:
+        limits = ServeLimits(**{k: v for k, v in chosen.items() if v is not None})
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    if args.host not in (None, "127.0.0.1", "localhost", "::1") and not keys:
+        print(f"nnterp serve: listening on {args.host} without an API key: anyone who can reach it may use the "
+              "model (pass --api-key)", file=sys.stderr)
+    from nnterp.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, api_keys=keys, limits=limits,
+          shutdown_timeout=args.shutdown_timeout, log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -181,27 +181,7 @@ class StandardizedTransformer:
         A run manifest records this; replaying compares it, so a colleague re-running
         with different weights under the same name is told so.
         """
-        import hashlib
-        import json
-
-        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
-        folder = resolve_model_name(self.name_or_path)
-        weights = None
-        if os.path.isdir(folder):
-            digest = hashlib.sha256()
-            for name in sorted(os.listdir(folder)):
-                if name.endswith((".safetensors", ".bin")) or name.endswith(".index.json"):
-                    path = os.path.join(folder, name)
-                    digest.update(f"{name}:{os.path.getsize(path)}\n".encode())
-                    if name.endswith(".index.json"):
-                        with open(path, "rb") as handle:
-                            digest.update(handle.read())
-            weights = digest.hexdigest()
-        return {
-            "name_or_path": self.name_or_path,
-            "config_digest": hashlib.sha256(config.encode()).hexdigest(),
-            "weights_digest": weights,
-        }
+        return model_identity(self.name_or_path, self.config)
 
     @property
     def nnsight_model(self):
@@ -463,3 +443,29 @@ def _choose_backend(backend: str | None, use_vllm: bool) -> str:
 
 def _inside_trace(model: StandardizedTransformer) -> bool:
     return is_interleaving(model._backend.model)
+
+
+def model_identity(name_or_path: str, config: Any) -> dict[str, Any]:
+    """`StandardizedTransformer.identity` of a model loaded from ``name_or_path`` with
+    ``config`` (also what a server reports for the model it serves)."""
+    import hashlib
+    import json
+
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    folder = resolve_model_name(name_or_path)
+    weights = None
+    if os.path.isdir(folder):
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(folder)):
+            if name.endswith((".safetensors", ".bin")) or name.endswith(".index.json"):
+                path = os.path.join(folder, name)
+                digest.update(f"{name}:{os.path.getsize(path)}\n".encode())
+                if name.endswith(".index.json"):
+                    with open(path, "rb") as handle:
+                        digest.update(handle.read())
+        weights = digest.hexdigest()
+    return {
+        "name_or_path": name_or_path,
+        "config_digest": hashlib.sha256(text.encode()).hexdigest(),
+        "weights_digest": weights,
+    }

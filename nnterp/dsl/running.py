@@ -41,6 +41,7 @@ from nnterp.dsl.sources import count_prompts, iter_prompts
 from nnterp.dsl.stored import KIND_GRAPHS, KIND_JOBS, open_results, prompts_digest
 from nnterp.dsl.streaming import DEFAULT_SHARD_PROMPTS, Stream, stream
 from nnterp.dsl.validate import validate
+from nnterp.remote import is_url, run_remote
 from nnterp.errors import ValidationError
 
 __all__ = ["Sampling", "RunResult", "Job", "run", "run_batch", "replay", "model_for"]
@@ -91,7 +92,8 @@ def run(graph: Graph | Node | Sequence[Graph | Node], model: Any, prompts: Any, 
             prompt (one batched call: see `run_batch`), which returns a list of
             `RunResult`, one per graph.
         model: a loaded `StandardizedTransformer`, or a name or path (loaded with
-            ``backend``, default ``"hf"``, and cached for the process).
+            ``backend``, default ``"hf"``, and cached for the process), or the URL of a
+            server (``"http://host:8000"``, `nnterp.remote`), which runs the graph.
         prompts: a prompt, a list or any iterable of them, a column of a ``datasets``
             dataset, or a ``pathlib.Path`` to a text file (a prompt per line) or a JSONL
             file (`nnterp.dsl.sources`). Each prompt is its own sequence (HF: padded
@@ -111,6 +113,11 @@ def run(graph: Graph | Node | Sequence[Graph | Node], model: Any, prompts: Any, 
         ResultsError: ``out`` holds the results of another run (another graph, model,
             sampling or input), which this one will not resume.
     """
+    if is_url(model):  # a server's model (`nnterp serve`): it runs the graph
+        if out is not None:
+            raise ValueError("run(..., out=DIR) streams a local run; with a server, run its prompts a request at a "
+                             "time (the server bounds each request), or run nnterp next to the model")
+        return run_remote(graph, model, prompts, sampling)
     sampling = sampling or Sampling()
     many = isinstance(graph, (list, tuple))
     if many and not graph:

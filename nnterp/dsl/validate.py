@@ -47,6 +47,7 @@ from nnterp.dsl.rules import capacity_problems, context_problems
 from nnterp.dsl.spec import ModelSpec, supported_by
 from nnterp.errors import ModelNotFoundError, NnterpError, ValidationError
 from nnterp.limits import BACKENDS, DEFAULT_BACKEND, limits_for
+from nnterp.remote import RemoteModel, is_url
 
 __all__ = ["Problem", "RunFacts", "problems", "validate", "rule"]
 
@@ -91,6 +92,12 @@ def _spec_for(model: Any, backend: str | None) -> ModelSpec:
             supported=supported_by(backend),
             attention_probs_enabled=model.attention_probs_enabled and limits_for(backend).reads_attention_probabilities,
         )
+    if is_url(model):  # a server describes the model it serves (`nnterp.remote`)
+        spec = RemoteModel(model).spec()
+        if backend is not None and backend != spec.backend:
+            raise _model_problem(f"the server at {model} serves a {spec.backend} model, not {backend}",
+                                 "leave backend=None, or validate against a server of that backend")
+        return spec
     if isinstance(model, (str, os.PathLike)):
         return _name_call(model, spec_for_name, backend or DEFAULT_BACKEND)
     try:

@@ -1,0 +1,57 @@
+"""The served engine as a model the DSL runs on: ``run(graph, EngineModel, prompts)``.
+
+A server's engine is vLLM's asynchronous one (``AsyncLLM``), driven by the server's
+event loop; ``nnterp.dsl.run`` is synchronous. The run endpoint therefore calls ``run``
+in a worker thread, with this model: it describes the served model (spec, tokenizer,
+identity) and its ``execute_many`` hands the plans to the event loop
+(`nnterp.backends.vllm_execute.execute_async_many`), whose requests join the engine's
+running batches with every other client's. Validation, sources, grouping, assembly and
+the manifest are the DSL's own: a result from the server is built as a local one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+from nnterp.dsl.spec import ModelSpec
+
+__all__ = ["EngineModel"]
+
+
+class EngineModel:
+    """The DSL's view of an ``AsyncLLM`` engine serving ``name_or_path``.
+
+    Args:
+        engine: the engine client (``AsyncLLM``).
+        loop: the event loop that drives it (the server's).
+        spec: the served model's `ModelSpec` (backend ``"vllm"``).
+        tokenizer: its tokenizer.
+        identity: its identity (`nnterp.standardized.model_identity`).
+    """
+
+    backend = "vllm"
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, spec: ModelSpec, tokenizer: Any,
+                 identity: dict) -> None:
+        self.engine, self.loop, self.spec, self.tokenizer = engine, loop, spec, tokenizer
+        self._identity = identity
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "attention_probs_enabled",
+                    "max_model_len", "served_sites", "vector_rows"):
+            return getattr(self.spec, name)
+        raise AttributeError(f"EngineModel has no attribute {name!r}")
+
+    def identity(self) -> dict:
+        return dict(self._identity)
+
+    def execute(self, plan: Any, prompts: Any, sampling: Any) -> Any:
+        return self.execute_many([(plan, prompts, sampling)])[0]
+
+    def execute_many(self, jobs: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+        """Run the plans on the engine, from a thread other than the loop's."""
+        from nnterp.backends.vllm_execute import execute_async_many
+
+        future = asyncio.run_coroutine_threadsafe(execute_async_many(self.engine, self.tokenizer, jobs), self.loop)
+        return future.result()
