@@ -12,6 +12,7 @@ neither vLLM nor a GPU.
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
@@ -51,12 +52,14 @@ class RemoteModel:
 
     Args:
         url: ``http://host:port`` of ``nnterp serve``.
-        api_key: the server's key, when it asks for one.
+        api_key: the server's key, when it asks for one; default ``$NNTERP_API_KEY``
+            (what ``run(graph, url, ...)`` and ``validate(graph, url)`` use).
         timeout: seconds a request may take.
     """
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0) -> None:
-        self.url, self.api_key, self.timeout = url.rstrip("/"), api_key, timeout
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.api_key = api_key if api_key is not None else os.environ.get("NNTERP_API_KEY")
         self._spec: ModelSpec | None = None
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, str]:

@@ -90,7 +90,7 @@ async def _serve(model: str, host: str, port: int, dtype: str | None, api_keys: 
     import asyncio
 
     from starlette.middleware import Middleware
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from nnterp.backends.batch_program import HOOKABLE
     from nnterp.backends.internals import CPU_WORKER_CLS, GPU_COMPILED_WORKER_CLS
@@ -127,7 +127,9 @@ async def _serve(model: str, host: str, port: int, dtype: str | None, api_keys: 
                                 served_sites=None if cpu else frozenset(kinds), vector_rows=256)
             state = ServerState(engine, EngineModel(engine, asyncio.get_running_loop(), spec,
                                                     AutoTokenizer.from_pretrained(path),
-                                                    model_identity(model, AutoConfig.from_pretrained(path))),
+                                                    # the engine's configuration, as a local vLLM model
+                                                    # reports it: a server's manifest is a local run's
+                                                    model_identity(model, hf_config)),
                                 limits, tuple(hashlib.sha256(k.encode("utf-8")).digest() for k in api_keys))
             app = vllm["build_app"](args, tasks, engine.model_config)
             app.user_middleware.append(Middleware(NnterpGate, state=state))  # innermost: after the key check
