@@ -201,6 +201,10 @@ def test_hostile_requests_get_a_4xx_and_the_server_keeps_serving(server, vllm_mo
     assert _post(server, "/nnterp/run", {"graph": {"nnterp_dsl": 1, "graph": []}, "prompts": [PROMPT],
                                          "sampling": {"max_tokens": 10**6}})[0] == 413
     assert _post(server, "/nnterp/run", b"{not json")[0] == 400
+    # graphs ride on the two completion routes only
+    status, body = _post(server, "/v1/responses", {"model": name, "input": PROMPT,
+                                                   "nnterp": {"graph": {"nnterp_dsl": 1, "graph": []}}})
+    assert status == 400 and "graphs ride on" in body["error"]["message"]
     # a client's own tag is removed: it cannot join another request's plan
     status, _ = _post(server, "/v1/completions", {"model": name, "prompt": PROMPT, "max_tokens": 3,
                                                   "vllm_xargs": {"nnterp": ["serve-someone-else", 0]}})

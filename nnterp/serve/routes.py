@@ -6,8 +6,9 @@
   {"graph": ...}`` is checked (`nnterp.serve.requests.read_graph`, edits only), lowered
   and installed as a plan of its own; the request then goes on to vLLM tagged with it
   (``vllm_xargs``, which vLLM turns into the request's ``extra_args``), and the plan is
-  uninstalled when the response has been sent, streamed or not. A tag a client sets
-  itself is removed: a request cannot join another's plan.
+  uninstalled when the response has been sent, streamed or not. On every POST, a tag a
+  client sets itself is removed (a request cannot join another's plan), and a graph on
+  any other route is refused.
 * ``GET /nnterp/spec``: the served model's description (`ModelSpec`), identity and limits.
 * ``POST /nnterp/validate``: a graph (and prompts, sampling) checked, nothing run.
 * ``POST /nnterp/run``: ``nnterp.dsl.run`` on the served engine; the `RunResult` as one
@@ -100,7 +101,7 @@ class NnterpGate:
                 return await _refuse(send, RequestProblem(401, [{"where": "Authorization", "what": "missing or wrong "
                                                                  "API key", "fix": "send 'Authorization: Bearer KEY'"}]))
             return await self._nnterp(scope, receive, send)
-        if scope["method"] == "POST" and path in COMPLETION_PATHS:
+        if scope["method"] == "POST":  # every POST: a graph, or a forged tag, may ride on any route
             return await self._completion(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -133,6 +134,11 @@ class NnterpGate:
             if isinstance(extra, dict) and "nnterp" in extra:  # nobody joins another's plan
                 data["vllm_xargs"] = {k: v for k, v in extra.items() if k != "nnterp"}
             if "nnterp" in data:
+                if scope["path"] not in COMPLETION_PATHS:
+                    return await _refuse(send, RequestProblem(400, [{
+                        "where": "nnterp", "what": f"graphs ride on {' and '.join(sorted(COMPLETION_PATHS))}, "
+                                                   f"not on {scope['path']}",
+                        "fix": "send the request to /v1/completions or /v1/chat/completions, or to /nnterp/run"}]))
                 try:
                     plan_id = await self._install(data)
                 except RequestProblem as error:

@@ -49,10 +49,11 @@ def _vllm_server() -> dict[str, Any]:
                 serve_http=serve_http, setup_server=setup_server, parser=FlexibleArgumentParser)
 
 
-def _engine_arguments(path: str, host: str, port: int, dtype: str | None, api_keys: Sequence[str],
+def _engine_arguments(model: str, path: str, host: str, port: int, dtype: str | None, api_keys: Sequence[str],
                       shutdown_timeout: int, cpu: bool) -> list[str]:
+    # clients name the model as the server was given it ("bundled", a hub id, a folder)
     argv = ["--model", path, "--host", host, "--port", str(port), "--no-enable-prefix-caching",
-            "--shutdown-timeout", str(shutdown_timeout), "--served-model-name", os.path.basename(path.rstrip("/"))]
+            "--shutdown-timeout", str(shutdown_timeout), "--served-model-name", model]
     if cpu:
         from nnterp.backends.vllm_cpu import DEFAULT_KV_CACHE_BYTES
         from nnterp.backends.vllm_lifecycle import cpu_max_model_len
@@ -106,7 +107,7 @@ async def _serve(model: str, host: str, port: int, dtype: str | None, api_keys: 
     path = os.fspath(find_loadable(model))
     cpu = is_cpu_only()
     args = vllm["make_arg_parser"](vllm["parser"]()).parse_args(
-        _engine_arguments(path, host, port, dtype, api_keys, shutdown_timeout, cpu))
+        _engine_arguments(model, path, host, port, dtype, api_keys, shutdown_timeout, cpu))
     kinds = HOOKABLE if cpu else tuple(sorted(graph_site_kinds(True), key=HOOKABLE.index))
     args.worker_cls = CPU_WORKER_CLS if cpu else GPU_COMPILED_WORKER_CLS
     args.additional_config = {CONFIG_KEY: executor_config(kinds, None, cpu)}
