@@ -153,6 +153,18 @@ def test_concurrent_clients_with_different_graphs_each_get_their_own_answer(serv
         assert got[key] == [want[key]] * 6, key
 
 
+def _loader_corpus() -> list:
+    """``MALFORMED`` of tests/dsl/test_serialize.py: documents the loader must refuse."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "dsl" / "test_serialize.py"
+    spec = importlib.util.spec_from_file_location("loader_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MALFORMED
+
+
 def _post(server, path, body) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(server["url"] + path, data=data, method="POST",
@@ -187,6 +199,23 @@ def test_hostile_requests_get_a_4xx_and_the_server_keeps_serving(server, vllm_mo
     nan = torch.full((576,), float("nan")).numpy().tobytes()
     documents["NaN vector"] = {"nnterp_dsl": 1, "graph": [{"op": "steer", "layer": 3, "vector": {
         "dtype": "float32", "shape": [576], "data": base64.b64encode(nan).decode()}}]}
+    # the loader tests' corpus of malformed documents, each verbatim as a request's graph
+    # (duplicate keys included), or as a string where it is not JSON at all
+    for index, (text, _) in enumerate(_loader_corpus()):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        try:
+            json.loads(text)
+            inner = text
+        except RecursionError:  # nested past Python's limit: the server must cope with it as written
+            inner = text
+        except ValueError:
+            inner = json.dumps(text)
+        for path, head in (("/v1/completions", f'{{"model": "{name}", "prompt": "x", "max_tokens": 2, '),
+                           ("/nnterp/run", '{"prompts": ["x"], ')):
+            status, body = _post(server, path, (head + f'"nnterp": {{"graph": {inner}}}}}').encode()
+                                 if path == "/v1/completions" else (head + f'"graph": {inner}}}').encode())
+            assert 400 <= status < 500 and body["error"]["problems"], (index, path, text)
     for what, document in documents.items():
         status, body = _post(server, "/v1/completions", {"model": name, "prompt": PROMPT, "max_tokens": 2,
                                                          "nnterp": {"graph": document}})

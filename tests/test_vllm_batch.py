@@ -329,7 +329,7 @@ def test_private_names_of_vllm_and_nnsight_are_spelled_in_the_adapter_only():
 
     import nnterp
 
-    names = [r"\._module\b", r"__wrapped__", r"_attach_mediators", r"\._collect\(", r"_load_sync", r"_WORKER_CLS",
+    names = [r"\._module\b", r"__wrapped__", r"_attach_mediators", r"\._collect\(", r"_load_sync", r"(?<![A-Za-z])_WORKER_CLS",
              r"_update_states", r"_prepare_inputs", r"__struct_fields__", r"\.interleaver\b", r"mock\.patch",
              r"preempted_req_ids", r"\blogits_processor\b", r"\.compute_logits\b", r"\.max_num_tokens\b",
              r"\.input_batch\b", r"discard_request_mask", r"scheduled_new_reqs"]

@@ -62,6 +62,39 @@ def spec_document(spec: Any) -> dict:
     return document
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _strict(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object that names no key twice (``json.loads`` keeps the last silently;
+    nnterp's graph loader refuses a document that does, and so does the server)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def parse_body(body: bytes) -> Any:
+    """A request body as JSON, refusing duplicate keys.
+
+    Raises:
+        RequestProblem: 400, not JSON or a key given twice.
+    """
+    try:
+        return json.loads(body, object_pairs_hook=_strict)
+    except _DuplicateKey as err:
+        raise RequestProblem(400, [{"where": "body", "what": f"the key {str(err)!r} appears more than once in an "
+                                    "object", "fix": "give each key once"}]) from None
+    except RecursionError:
+        raise RequestProblem(400, [{"where": "body", "what": "JSON nested too deeply to read",
+                                    "fix": "send a graph document as nnterp.dsl writes it"}]) from None
+    except ValueError as err:
+        raise RequestProblem(400, [{"where": "body", "what": f"not JSON ({err})", "fix": "send a JSON object"}]) from None
+
+
 async def _read_body(receive: Any, cap: int) -> bytes | None:
     """The whole body, or None when it is over ``cap`` bytes."""
     body, more = b"", True
@@ -126,9 +159,11 @@ class NnterpGate:
                                                              "(plus 4 MiB for the rest)", "fix": "send a smaller graph"}]))
         plan_id = None
         try:
-            data = json.loads(body) if body else None
-        except ValueError:
-            data = None
+            data = parse_body(body) if body else None
+        except RequestProblem as error:
+            if b'"nnterp"' in body:  # a graph rides on it: it must be read as written
+                return await _refuse(send, error)
+            data = None  # not nnterp's: vLLM answers it as it would
         if isinstance(data, dict):
             extra = data.get("vllm_xargs")
             if isinstance(extra, dict) and "nnterp" in extra:  # nobody joins another's plan
@@ -204,10 +239,9 @@ class NnterpGate:
             return await _refuse(send, RequestProblem(413, [{"where": "body", "what": "the request body is over the "
                                                              "server's limit", "fix": "send a smaller request"}]))
         try:
-            data = json.loads(body)
-        except ValueError as err:
-            return await _refuse(send, RequestProblem(400, [{"where": "body", "what": f"not JSON ({err})",
-                                                             "fix": "send a JSON object"}]))
+            data = parse_body(body)
+        except RequestProblem as error:
+            return await _refuse(send, error)
         try:
             graph, prompts, sampling = await asyncio.to_thread(read_run_request, data, model.spec, limits, model)
         except RequestProblem as error:
