@@ -395,6 +395,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot read --api-key-file {args.api_key_file!r}: {err.strerror}") from None
         if not keys:
             raise CommandError(f"--api-key-file {args.api_key_file!r} holds no key")
+    if os.environ.get("VLLM_API_KEY"):  # vLLM's own setting guards its routes: nnterp's too
+        keys.append(os.environ["VLLM_API_KEY"])
     chosen = {field.name: getattr(args, "max_tokens" if field.name == "max_tokens" else f"max_{field.name}")
               for field in attrs.fields(ServeLimits)}
     try:

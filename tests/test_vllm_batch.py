@@ -45,6 +45,18 @@ def _tokens(prompt, position, length):
 # -- host tables -------------------------------------------------------------------------
 
 
+def test_the_vector_table_takes_back_a_removed_plans_rows():
+    written = {}
+    table = VectorTable(4, lambda row, vector: written.__setitem__(row, vector))  # rows 1 .. 3
+    rows = [table.row((tag, 0), lambda tag=tag: torch.full((2,), float(tag))) for tag in (1, 2, 3)]
+    assert rows == [1, 2, 3]
+    with pytest.raises(OverflowError, match="installed together"):
+        table.row((4, 0), lambda: torch.zeros(2))
+    table.release(2)  # plan 2 is collected while 1 and 3 stay
+    assert table.row((4, 0), lambda: torch.full((2,), 4.0)) == 2 and written[2][0] == 4.0
+    assert table.row((1, 0), lambda: None) == 1  # kept rows are not written again
+
+
 def test_steps_and_positions_follow_from_position_and_prompt_length():
     tokens = _tokens([0, 0, 0, 1, 1], [0, 3, 4, 1, 6], [4, 4, 4, 2, 2])
     assert tokens.step.tolist() == [0, 0, 1, 0, 5]

@@ -106,19 +106,32 @@ class VectorTable:
         self.capacity = capacity
         self._write_row = write_row
         self._rows: dict[tuple, int] = {}
+        #: rows given back by removed plans, taken again first
+        self._free: list[int] = []
 
     def row(self, key: tuple, vector: Any) -> int:
         found = self._rows.get(key)
         if found is not None:
             return found
-        if len(self._rows) + 1 >= self.capacity:
+        if self._free:
+            found = self._free.pop()
+        elif len(self._rows) + 1 >= self.capacity:
             raise OverflowError(
                 f"the edits of the plans installed together need more than {self.capacity} distinct vectors; "
                 f"load the model with a larger table, StandardizedTransformer(..., backend='vllm', "
                 f"vector_rows=N)")
-        found = self._rows[key] = len(self._rows) + 1
+        else:
+            found = len(self._rows) + 1
+        self._rows[key] = found
         self._write_row(found, vector())
         return found
+
+    def release(self, tag: Any) -> None:
+        """Give back the rows of the plan whose keys start with ``tag``: a server's plans
+        come and go while others stay installed, and the table must not fill up with
+        the rows of plans long gone."""
+        for key in [key for key in self._rows if key[0] == tag]:
+            self._free.append(self._rows.pop(key))
 
 
 class ReadColumn(enum.IntEnum):

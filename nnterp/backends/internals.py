@@ -90,8 +90,18 @@ def new_requests(scheduler_output: Any) -> list[NewRequest]:
     for new in scheduler_output.scheduled_new_reqs:
         params = new.sampling_params
         tag = (params.extra_args or {}).get("nnterp") if params is not None else None
-        admitted.append(NewRequest(new.req_id, tuple(tag) if tag else None, len(new.prompt_token_ids)))
+        admitted.append(NewRequest(new.req_id, _valid_tag(tag), len(new.prompt_token_ids)))
     return admitted
+
+
+def _valid_tag(tag: Any) -> tuple[str, int] | None:
+    """nnterp's tag, ``[plan id, prompt row]``, or None for anything else: a request's
+    ``extra_args`` may come from a client (a server's ``vllm_xargs``), and a malformed
+    tag must not stop the engine's step."""
+    if isinstance(tag, (list, tuple)) and len(tag) == 2 and isinstance(tag[0], str) \
+            and isinstance(tag[1], int) and not isinstance(tag[1], bool) and tag[1] >= 0:
+        return (tag[0], tag[1])
+    return None
 
 
 def preempted_request_ids(scheduler_output: Any) -> Sequence[str]:

@@ -118,6 +118,8 @@ class InstalledPlans:
         self._view = None
         if not self.by_id:  # start afresh: slots from 0, an empty vector table
             self.vectors = VectorTable(self.vector_capacity, self.write_row)
+        else:  # its rows go back to the table for the plans to come
+            self.vectors.release(run.program.tag)
         self._changed()
         return run
 

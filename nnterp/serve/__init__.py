@@ -7,10 +7,10 @@ executor inside, and serves on it:
 
 * vLLM's own OpenAI-compatible API (``/v1/completions``, ``/v1/chat/completions``,
   streaming included), where a request may carry ``"nnterp": {"graph": ...}``: the graph
-  steers, zeroes or patches that request alone (`nnterp.serve.openai_routes`);
+  steers, zeroes or patches that request alone;
 * ``POST /nnterp/run``: a graph, prompts and sampling in, the `RunResult` out as one
-  safetensors document (`nnterp.serve.run_routes`); ``GET /nnterp/spec`` describes the
-  model, so a client validates without running anything.
+  safetensors document; ``GET /nnterp/spec`` describes the model, so a client validates
+  without running anything (both in `nnterp.serve.routes`).
 
 Requests with different graphs share the engine's batches: each installs its own plan in
 the multi-plan executor. What a request may ask for is bounded (`ServeLimits`); a request
@@ -18,7 +18,7 @@ past a limit, or whose graph does not validate, gets HTTP 413 or 400 naming ever
 problem, and the engine never sees it.
 
 Layout: `limits` (the bounds), `requests` (a request's graph, checked), `engine_model`
-(the DSL's model interface over the asynchronous engine), `openai_routes` and
-`run_routes` (the two surfaces), `server` (engine, app, keys, shutdown). The client
-side is `nnterp.remote`.
+(the DSL's model interface over the asynchronous engine), `routes` (the gate in front
+of vLLM's app, and the ``/nnterp`` routes), `server` (engine, app, keys, shutdown). The
+client side is `nnterp.remote`.
 """

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from nnterp.dsl import Graph, GraphFormatError, Sampling, ValidationError, validate
-from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Read
+from nnterp.dsl.nodes import AttentionProbs, Grad, Lens, Patch, Read
 from nnterp.dsl.spec import ModelSpec
 from nnterp.dsl.values import TensorValue
 from nnterp.serve.limits import ServeLimits
@@ -102,6 +102,23 @@ def read_graph(document: Any, spec: ModelSpec, limits: ServeLimits, *, where: st
     if too_big:
         raise RequestProblem(413, too_big)
     found = []
+    limit = spec.max_model_len or 2**31
+    for i, node in enumerate(graph):
+        positions = getattr(node, "positions", None)
+        listed = (positions,) if isinstance(positions, int) else (positions or ())
+        if len(listed) > limits.nodes * 64 or any(abs(p) >= limit for p in listed):
+            found.append(_problem(f"{where} nodes[{i}] {type(node).__name__}.positions",
+                                  f"positions must be fewer than {limits.nodes * 64} and within "
+                                  f"-{limit} .. {limit - 1} (the model's context)", "name positions a prompt has"))
+        if isinstance(node, Patch) and node.value is not None and len(node.value.shape) == 2 \
+                and node.value.shape[0] > 1 and positions is None:
+            found.append(_problem(f"{where} nodes[{i}] Patch.positions",
+                                  f"a value of {node.value.shape[0]} rows patches that many positions: name them",
+                                  f"give positions= a list of {node.value.shape[0]} positions"))
+        if edits_only and isinstance(node, Patch) and node.source is not None:
+            found.append(_problem(f"{where} nodes[{i}] Patch.source",
+                                  "a patch from a source prompt runs that prompt first, which a completion does not",
+                                  "send the value itself (Patch(value=...)), or use POST /nnterp/run"))
     if edits_only:
         found += [_problem(f"{where} nodes[{i}] {type(node).__name__}",
                            f"{type(node).__name__} records values, which a completion does not return",

@@ -34,6 +34,12 @@ from nnterp.serve.requests import RequestProblem, problem_body, read_graph, read
 __all__ = ["ServerState", "NnterpGate", "COMPLETION_PATHS", "RESULT_TYPE", "spec_document"]
 
 COMPLETION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+#: the routes whose bodies reach vLLM's sampling: a graph rides on the first two; on the
+#: others, and on every one, a tag a client wrote itself is removed
+PARSED_PATHS = COMPLETION_PATHS | {"/v1/responses", "/v1/messages", "/invocations", "/inference/v1/generate",
+                                   "/v1/completions/render", "/v1/chat/completions/render"}
+#: what answers without a key
+OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
 #: the content type of ``/nnterp/run``'s reply
 RESULT_TYPE = "application/vnd.nnterp.result+safetensors"
 
@@ -95,9 +101,12 @@ def parse_body(body: bytes) -> Any:
         raise RequestProblem(400, [{"where": "body", "what": f"not JSON ({err})", "fix": "send a JSON object"}]) from None
 
 
-async def _read_body(receive: Any, cap: int) -> bytes | None:
-    """The whole body, or None when it is over ``cap`` bytes."""
-    body, more = b"", True
+async def _read_body(scope: dict, receive: Any, cap: int) -> bytes | None:
+    """The whole body, or None when it is (or says it is) over ``cap`` bytes."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        return None
+    body, more = bytearray(), True
     while more:
         message = await receive()
         if message["type"] != "http.request":
@@ -106,7 +115,7 @@ async def _read_body(receive: Any, cap: int) -> bytes | None:
         more = message.get("more_body", False)
         if len(body) > cap:
             return None
-    return body
+    return bytes(body)
 
 
 async def _reply(send: Any, status: int, body: bytes, content_type: str = "application/json") -> None:
@@ -129,12 +138,13 @@ class NnterpGate:
         path = scope.get("path", "")
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # with keys, every route asks for one but the probes a load balancer sends
+        if path not in OPEN_PATHS and not self._authorized(scope):
+            return await _refuse(send, RequestProblem(401, [{"where": "Authorization", "what": "missing or wrong "
+                                                             "API key", "fix": "send 'Authorization: Bearer KEY'"}]))
         if path.startswith("/nnterp/"):
-            if not self._authorized(scope):
-                return await _refuse(send, RequestProblem(401, [{"where": "Authorization", "what": "missing or wrong "
-                                                                 "API key", "fix": "send 'Authorization: Bearer KEY'"}]))
             return await self._nnterp(scope, receive, send)
-        if scope["method"] == "POST":  # every POST: a graph, or a forged tag, may ride on any route
+        if scope["method"] == "POST" and path in PARSED_PATHS:
             return await self._completion(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -152,7 +162,7 @@ class NnterpGate:
 
     async def _completion(self, scope: dict, receive: Any, send: Any) -> None:
         limits = self.state.limits
-        body = await _read_body(receive, limits.document_bytes + 4 * 2**20)
+        body = await _read_body(scope, receive, limits.document_bytes + 4 * 2**20)
         if body is None:
             return await _refuse(send, RequestProblem(413, [{"where": "body", "what": "the request body is over "
                                                              f"the server's limit of {limits.document_bytes:,} bytes "
@@ -160,10 +170,8 @@ class NnterpGate:
         plan_id = None
         try:
             data = parse_body(body) if body else None
-        except RequestProblem as error:
-            if b'"nnterp"' in body:  # a graph rides on it: it must be read as written
-                return await _refuse(send, error)
-            data = None  # not nnterp's: vLLM answers it as it would
+        except RequestProblem as error:  # what nnterp cannot read exactly, vLLM does not get
+            return await _refuse(send, error)
         if isinstance(data, dict):
             extra = data.get("vllm_xargs")
             if isinstance(extra, dict) and "nnterp" in extra:  # nobody joins another's plan
@@ -204,12 +212,29 @@ class NnterpGate:
         if not isinstance(options, dict) or set(options) != {"graph"}:
             raise RequestProblem(400, [{"where": "nnterp", "what": 'must be {"graph": <graph document>}',
                                         "fix": 'send extra_body={"nnterp": {"graph": json.loads(graph.to_json())}}'}])
-        requested = data.get("max_tokens") or data.get("max_completion_tokens") or 1
+        # the count vLLM will use: chat prefers max_completion_tokens; none given would
+        # be the rest of the context, so the server's limit is written in
+        field = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+        requested = data.get(field)
+        if requested is None:
+            requested = data[field] = limits.max_tokens
         if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
-            raise RequestProblem(400, [{"where": "max_tokens", "what": "must be a positive int", "fix": "e.g. 16"}])
+            raise RequestProblem(400, [{"where": field, "what": "must be a positive int", "fix": "e.g. 16"}])
         if requested > limits.max_tokens:
-            raise RequestProblem(413, [{"where": "max_tokens", "what": f"{requested} is over the server's limit of "
+            raise RequestProblem(413, [{"where": field, "what": f"{requested} is over the server's limit of "
                                         f"{limits.max_tokens}", "fix": "ask for fewer tokens"}])
+        if data.get("use_beam_search"):
+            raise RequestProblem(400, [{"where": "use_beam_search", "what": "beam search does not carry a graph",
+                                        "fix": "sample or decode greedily with a graph"}])
+        prompts = data.get("prompt")
+        def count(value: Any) -> int:
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+        sequences = (len(prompts) if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else 1) \
+            * max(count(data.get("n")), count(data.get("best_of")))
+        if sequences > limits.prompts:
+            raise RequestProblem(413, [{"where": "n", "what": f"{sequences} sequences (prompts x n), over the server's "
+                                        f"limit of {limits.prompts}", "fix": "ask for fewer"}])
 
         def check() -> Any:
             graph = read_graph(options["graph"], model.spec, limits, where="nnterp.graph", edits_only=True)
@@ -234,7 +259,11 @@ class NnterpGate:
             return await _refuse(send, RequestProblem(404, [{"where": path, "what": f"no route {method} {path}",
                                                              "fix": "GET /nnterp/spec, POST /nnterp/run or "
                                                                     "POST /nnterp/validate"}]))
-        body = await _read_body(receive, limits.document_bytes + 4 * 2**20)
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip()
+        if content_type != b"application/json":  # a web page cannot send one without asking first
+            return await _refuse(send, RequestProblem(415, [{"where": "Content-Type", "what": "must be "
+                                                             "application/json", "fix": "send JSON"}]))
+        body = await _read_body(scope, receive, limits.document_bytes + 4 * 2**20)
         if body is None:
             return await _refuse(send, RequestProblem(413, [{"where": "body", "what": "the request body is over the "
                                                              "server's limit", "fix": "send a smaller request"}]))
