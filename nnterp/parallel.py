@@ -34,12 +34,12 @@ from typing import Any, Sequence
 
 from nnterp.dsl.plan import Prompts
 from nnterp.dsl.recorded import Execution, join_recorded
-from nnterp.dsl.spec import ModelSpec
+from nnterp.dsl.spec import DescribedModel, ModelSpec
 
 __all__ = ["DataParallel"]
 
 
-class DataParallel:
+class DataParallel(DescribedModel):
     """A model whose runs are split across ``replicas``: loaded vLLM models, or handles of
     Ray actors (`on_ray`), all of the same model. Use `on_gpus` or `on_ray` to build one.
 
@@ -51,8 +51,8 @@ class DataParallel:
     def __init__(self, replicas: Sequence[Any], spec: ModelSpec, tokenizer: Any, identity: dict) -> None:
         if not replicas:
             raise ValueError("DataParallel needs at least one replica")
+        super().__init__(spec, tokenizer, identity)
         self.replicas = list(replicas)
-        self._spec, self.tokenizer, self._identity = spec, tokenizer, identity
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.replicas),
                                                            thread_name_prefix="nnterp-replica")
         self._lock = threading.Lock()
@@ -127,21 +127,7 @@ class DataParallel:
         ray.get([handle.describe.remote() for handle in handles[1:]])  # every engine is up
         return cls([_RayReplica(handle) for handle in handles], spec, tokenizer, identity)
 
-    # -- what the DSL reads ----------------------------------------------------------------
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "backend", "attention_probs_enabled",
-                    "max_model_len", "served_sites", "vector_rows"):
-            return getattr(self._spec, name)
-        raise AttributeError(f"DataParallel has no attribute {name!r}")
-
-    def identity(self) -> dict:
-        return dict(self._identity)
-
     # -- running ---------------------------------------------------------------------------
-
-    def execute(self, plan: Any, prompts: Any, sampling: Any) -> Execution:
-        return self.execute_many([(plan, prompts, sampling)])[0]
 
     def execute_many(self, jobs: Sequence[tuple[Any, Any, Any]]) -> list[Execution]:
         """Every job split into one part per replica (contiguous prompts), the replicas
@@ -181,7 +167,7 @@ class DataParallel:
         self._pool.shutdown(wait=False)
 
     def __repr__(self) -> str:
-        return f"DataParallel({len(self.replicas)} replicas, backend={self._spec.backend!r})"
+        return f"DataParallel({len(self.replicas)} replicas, backend={self.spec.backend!r})"
 
 
 def _joined(parts: list[tuple[int, Execution]]) -> Execution:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunResult", "flatten_outputs", "rebuild_outputs", "atomic_write", "result_to_bytes", "result_from_bytes"]
+__all__ = ["RunResult", "flatten_outputs", "rebuild_outputs", "atomic_write", "pack_result", "unpack_result",
+           "result_to_bytes", "result_from_bytes"]
 
 _MANIFEST = "manifest.json"
 _TENSORS = "tensors.safetensors"
@@ -125,17 +126,32 @@ class RunResult:
         return cls(outputs, tokens, texts, document)
 
 
+def pack_result(result: RunResult, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``result``'s outputs and generated tokens into ``tensors``, under ``prefix``
+    (``{prefix}out.<name>...``, ``{prefix}tokens`` with ``{prefix}tokens.offsets``): one
+    tensor for every row's tokens, not one per row. Returns the outputs' layout."""
+    layout = flatten_outputs({name: result[name] for name in result.keys()}, f"{prefix}out", tensors)
+    lengths = torch.tensor([len(row) for row in result.tokens], dtype=torch.int64)
+    tensors[f"{prefix}tokens"] = torch.tensor([t for row in result.tokens for t in row], dtype=torch.int64)
+    tensors[f"{prefix}tokens.offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return layout
+
+
+def unpack_result(tensors: dict[str, torch.Tensor], prefix: str, layout: dict[str, Any], texts: list[str],
+                  manifest: dict[str, Any]) -> RunResult:
+    """The `RunResult` that `pack_result` put under ``prefix``."""
+    flat, offsets = tensors[f"{prefix}tokens"].tolist(), tensors[f"{prefix}tokens.offsets"].tolist()
+    tokens = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return RunResult(rebuild_outputs(layout, tensors), tokens, list(texts), manifest)
+
+
 def result_to_bytes(result: RunResult) -> bytes:
     """A `RunResult` as one safetensors document (what a server sends back): the outputs
     and tokens as tensors, the layout, texts and manifest in its metadata."""
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
-    layout = flatten_outputs({name: result[name] for name in result.keys()}, "out", tensors)
-    lengths = torch.tensor([len(row) for row in result.tokens], dtype=torch.int64)
-    tensors["tokens"] = torch.tensor([t for row in result.tokens for t in row], dtype=torch.int64)
-    tensors["tokens.offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    meta = {"layout": layout, "texts": result.texts, "manifest": result.manifest}
+    meta = {"layout": pack_result(result, "", tensors), "texts": result.texts, "manifest": result.manifest}
     return save(tensors, metadata={"nnterp_result": "1", "meta": json.dumps(meta)})
 
 
@@ -154,9 +170,7 @@ def result_from_bytes(data: bytes) -> RunResult:
         meta = json.loads(json.loads(data[8:8 + size])["__metadata__"]["meta"])
     except Exception as err:
         raise ValueError(f"not an nnterp result document ({type(err).__name__}: {err})") from None
-    flat, offsets = tensors["tokens"].tolist(), tensors["tokens.offsets"].tolist()
-    tokens = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    return RunResult(rebuild_outputs(meta["layout"], tensors), tokens, meta["texts"], meta["manifest"])
+    return unpack_result(tensors, "", meta["layout"], meta["texts"], meta["manifest"])
 
 
 def _write_text(path: str, text: str) -> None:

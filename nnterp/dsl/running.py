@@ -207,17 +207,24 @@ def _validate_jobs(jobs: Sequence[Job], model: Any, backend: str | None, label: 
     return spec
 
 
+def _loaded(jobs: Sequence[Job], model: Any, backend: str | None, label: str | None,
+            prompts: Sequence[Any] | None, first: int = 0) -> Any:
+    """The model the jobs run on (`model_for`, with attention probabilities when a job
+    reads them). A name not loaded yet is validated first from its configuration and
+    tokenizer alone: a graph that cannot run never loads weights or starts an engine (a
+    model already loaded is checked by the caller)."""
+    probe = next((job.graph for job in jobs if uses(job.graph, AttentionProbs)), jobs[0].graph)
+    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
+        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, prompts, first)
+    return model_for(model, backend, probe)
+
+
 def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | None,
               first: int = 0, first_row: int = 0) -> list[RunResult]:
     """The jobs' results. ``first``: the index of the first job in the caller's batch (its
     problems' names); ``first_row``: the run's row of each job's first prompt (a shard of
     a streamed run: its prompts sample with the run's seeds, `Prompts.first`)."""
-    probe = next((job.graph for job in jobs if uses(job.graph, AttentionProbs)), jobs[0].graph)
-    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
-        # from the configuration and tokenizer alone: a graph that cannot run never
-        # loads weights or starts an engine (a model already loaded is checked below)
-        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, [job.prompts for job in jobs], first)
-    model = model_for(model, backend, probe)
+    model = _loaded(jobs, model, backend, label, [job.prompts for job in jobs], first)
     tokenizer = model.tokenizer
     # tokenized once, in one batch call: validation's position checks and the
     # executor share the ids
@@ -264,10 +271,7 @@ def _run_streamed(graphs: list[Graph], label: str | None, model: Any, prompts: A
     """``run(..., out=DIR)``: the graphs on the input a shard at a time, into ``out``."""
     shard_prompts = _shard_size(shard_prompts)
     jobs = [Job(g, ("validation",), sampling) for g in graphs]
-    probe = next((g for g in graphs if uses(g, AttentionProbs)), graphs[0])
-    if isinstance(model, (str, os.PathLike)) and _cache_key(model, backend, probe) not in _MODELS:
-        _validate_jobs(jobs, model, backend or DEFAULT_BACKEND, label, None)
-    model = model_for(model, backend, probe)
+    model = _loaded(jobs, model, backend, label, None)
     # what does not depend on the prompts is checked before any prompt is read
     _validate_jobs(jobs, model, backend, label, None)
     identity = {"graphs": [g.digest() for g in graphs], "single": label is None, "sampling": attrs.asdict(sampling),

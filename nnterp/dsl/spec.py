@@ -26,7 +26,7 @@ from nnterp.dsl.nodes import NODE_TYPES, Node
 from nnterp.limits import BACKENDS, BackendLimits, limits_for
 from nnterp.sites import SiteKind
 
-__all__ = ["ModelSpec", "supported_by", "backends_supporting"]
+__all__ = ["ModelSpec", "supported_by", "backends_supporting", "DescribedModel"]
 
 
 def supported_by(backend: str) -> frozenset[type[Node]]:
@@ -207,3 +207,31 @@ def _config_int(config: Any, names: tuple[str, ...]) -> int:
         f"{', '.join(names)} (also looked in text_config); it may not be a causal "
         "language model nnterp supports"
     )
+
+
+class DescribedModel:
+    """A model the DSL runs on that is known by its `ModelSpec`, tokenizer and identity
+    rather than loaded in this process: several engines seen as one
+    (`nnterp.parallel.DataParallel`), a server's engine (`nnterp.serve.engine_model`).
+    It reads as a loaded model does where the DSL looks (sizes, engine limits,
+    ``identity()``, ``execute``); a subclass runs plans with ``execute_many``."""
+
+    _SPEC_FIELDS = ("num_layers", "hidden_size", "num_heads", "vocab_size", "backend", "attention_probs_enabled",
+                    "max_model_len", "served_sites", "vector_rows")
+
+    def __init__(self, spec: ModelSpec, tokenizer: Any, identity: dict) -> None:
+        self.spec, self.tokenizer, self._identity = spec, tokenizer, identity
+
+    def __getattr__(self, name: str) -> Any:
+        if name in DescribedModel._SPEC_FIELDS:
+            return getattr(self.spec, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def identity(self) -> dict:
+        return dict(self._identity)
+
+    def execute(self, plan: Any, prompts: Any, sampling: Any) -> Any:
+        return self.execute_many([(plan, prompts, sampling)])[0]
+
+    def execute_many(self, jobs: Any) -> list[Any]:
+        raise NotImplementedError

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nnterp.dsl.results import RunResult, atomic_write, flatten_outputs, rebuild_outputs
+from nnterp.dsl.results import RunResult, atomic_write, pack_result, unpack_result
 from nnterp.errors import ResultsError
 
 __all__ = ["INDEX", "KIND_GRAPHS", "KIND_JOBS", "ResultsError", "prompts_digest", "shard_name",
@@ -74,10 +74,7 @@ def write_shard(path: str, parts: Sequence[RunResult], manifests: bool = False) 
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict] = []
     for p, result in enumerate(parts):
-        layout = flatten_outputs({name: result[name] for name in result.keys()}, f"{p}/out", tensors)
-        lengths = torch.tensor([len(row) for row in result.tokens], dtype=torch.int64)
-        tensors[f"{p}/tokens"] = torch.tensor([t for row in result.tokens for t in row], dtype=torch.int64)
-        tensors[f"{p}/tokens.offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        layout = pack_result(result, f"{p}/", tensors)
         meta.append({"layout": layout, "texts": result.texts, "prompts": result.manifest["prompts"]})
         if manifests:
             meta[-1]["manifest"] = {k: v for k, v in result.manifest.items() if k != "prompts"}
@@ -136,12 +133,8 @@ class _Shard:
 
     def result(self, part: int, manifest: dict) -> RunResult:
         meta = self.parts[part]
-        tensors = self.tensors(f"{part}/")
-        outputs = rebuild_outputs(meta["layout"], tensors)
-        flat, offsets = tensors[f"{part}/tokens"].tolist(), tensors[f"{part}/tokens.offsets"].tolist()
-        tokens = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        manifest = meta.get("manifest", manifest)
-        return RunResult(outputs, tokens, list(meta["texts"]), dict(manifest, prompts=list(meta["prompts"])))
+        manifest = dict(meta.get("manifest", manifest), prompts=list(meta["prompts"]))
+        return unpack_result(self.tensors(f"{part}/"), f"{part}/", meta["layout"], meta["texts"], manifest)
 
 
 def _joined(values: list[Any]) -> Any:

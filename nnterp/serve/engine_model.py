@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from nnterp.dsl.spec import ModelSpec
+from nnterp.dsl.spec import DescribedModel, ModelSpec
 
 __all__ = ["EngineModel"]
 
 
-class EngineModel:
+class EngineModel(DescribedModel):
     """The DSL's view of an ``AsyncLLM`` engine serving ``name_or_path``.
 
     Args:
@@ -30,24 +30,10 @@ class EngineModel:
         identity: its identity (`nnterp.standardized.model_identity`).
     """
 
-    backend = "vllm"
-
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, spec: ModelSpec, tokenizer: Any,
                  identity: dict) -> None:
-        self.engine, self.loop, self.spec, self.tokenizer = engine, loop, spec, tokenizer
-        self._identity = identity
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "attention_probs_enabled",
-                    "max_model_len", "served_sites", "vector_rows"):
-            return getattr(self.spec, name)
-        raise AttributeError(f"EngineModel has no attribute {name!r}")
-
-    def identity(self) -> dict:
-        return dict(self._identity)
-
-    def execute(self, plan: Any, prompts: Any, sampling: Any) -> Any:
-        return self.execute_many([(plan, prompts, sampling)])[0]
+        super().__init__(spec, tokenizer, identity)
+        self.engine, self.loop = engine, loop
 
     def execute_many(self, jobs: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
         """Run the plans on the engine, from a thread other than the loop's."""
