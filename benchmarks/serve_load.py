@@ -46,6 +46,21 @@ def _wait(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError("the server did not start")
 
 
+def _wait_for_gpu_memory(timeout: float = 120) -> None:
+    """Wait until a stopped server's engine has given the GPU's memory back, so that the
+    next server can take the same share."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.8 * total:
+            return
+        time.sleep(1)
+
+
 def _engine_flags(path: str) -> list[str]:
     import torch
 
@@ -139,35 +154,46 @@ def main() -> None:
         serve_vanilla(args.serve_vanilla[0], int(args.serve_vanilla[1]))
         return
     import torch
+    import transformers
 
-    from nnterp import StandardizedTransformer
     from nnterp.bundled import find_loadable
     from nnterp.dsl import Graph, Steer
 
     path = os.fspath(find_loadable(args.model))
-    hf = StandardizedTransformer(args.model, backend="hf")
-    vector = torch.randn(hf.hidden_size, generator=torch.Generator().manual_seed(0))
-    graph = json.loads(Graph([Steer(hf.num_layers // 2, 4 * vector / vector.norm())]).to_json())
-    del hf
+    config = transformers.AutoConfig.from_pretrained(path)  # the shapes; no weights in this process
+    vector = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(0))
+    graph = json.loads(Graph([Steer(config.num_hidden_layers // 2, 4 * vector / vector.norm())]).to_json())
     prompt = "The capital of France is"
     rows = {}
     env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER="0")
-    for system in ("vllm serve", "nnterp serve"):
+    logs = args.out / "serve-load-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # the server under test first: if it cannot start, the run stops before the reference
+    for system in ("nnterp serve", "vllm serve"):
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         if system == "vllm serve":
             command = [sys.executable, "-m", "benchmarks.serve_load", "--serve-vanilla", path, str(port)]
         else:
             command = [sys.executable, "-m", "nnterp", "serve", args.model, "--port", str(port)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        log = logs / f"{system.split()[0]}.log"
+        with log.open("w") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        started = time.perf_counter()
         try:
             _wait(url, process)
+            print(f"[serve-load] {system} up in {time.perf_counter() - started:.0f} s", flush=True)
             rows[system] = load(url, args.clients, args.seconds, args.max_tokens,
                                 graph if system == "nnterp serve" else None, prompt)
             print(f"[serve-load] {system}: {rows[system]}", flush=True)
+        except Exception:
+            print(f"[serve-load] {system} failed; the last lines of {log}:", flush=True)
+            print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]), flush=True)
+            raise
         finally:
             process.terminate()
             process.wait(timeout=120)
+            _wait_for_gpu_memory()
     ratio = rows["nnterp serve"]["tokens_per_s"] / rows["vllm serve"]["tokens_per_s"]
     print(f"tokens/s, nnterp serve (half steered) / vllm serve (no graphs): {ratio:.3f} (target on an H200: 0.85)")
     args.out.mkdir(parents=True, exist_ok=True)

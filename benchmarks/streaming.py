@@ -56,16 +56,15 @@ def prompts(words: list[str], n: int, seed: int = 0) -> Iterator[str]:
         yield "".join(rng.choice(words) for _ in range(LENGTH))
 
 
-def _model_path(preset: dict, models: Path) -> Path:
-    if preset["model"] == "bundled":
-        import nnterp
+def _model_path(preset: dict, models: Path, tokenizer: Path | None) -> Path:
+    import nnterp
 
+    if preset["model"] == "bundled":
         return Path(nnterp.bundled_model_path())
     from benchmarks.throughput import build_model
 
-    import nnterp
-
-    return build_model(preset["model"], models / f"llama-{preset['model']}", Path(nnterp.bundled_model_path()))
+    return build_model(preset["model"], models / f"llama-{preset['model']}",
+                       tokenizer or Path(nnterp.bundled_model_path()))
 
 
 def _engine(preset: dict) -> dict:
@@ -105,7 +104,12 @@ def child(what: str, preset: dict, n: int, path: Path, out: Path) -> dict:
         from nnterp import StandardizedTransformer
         from nnterp.dsl import Graph, Read, run
 
-        model = StandardizedTransformer(path, backend="vllm", quiet=True, **_engine(preset))
+        import torch
+
+        # on a GPU the compiled engine that replays CUDA graphs, as vanilla vLLM's: the
+        # residual stream, all this run reads, is served there
+        model = StandardizedTransformer(path, backend="vllm", quiet=True, cuda_graphs=torch.cuda.is_available(),
+                                        **_engine(preset))
         layers = model.num_layers
         picked = [round(k * (layers - 1) / (preset["layers"] - 1)) for k in range(preset["layers"])]
         graph = Graph(tuple(Read(f"layers[{i}].output") for i in picked))
@@ -126,22 +130,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/nnterp-streaming"))
     parser.add_argument("--models", type=Path, default=Path(os.environ.get("NNTERP_BENCH_MODELS", "/tmp/nnterp-bench")))
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer folder of a built model (default: the bundled model's)")
     parser.add_argument("--prompts", type=int, default=None, help="N (default: the preset's)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated measurements to take (vanilla, stream-tenth, stream; default: all), "
+                             "for a machine whose calls are shorter than the whole run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     preset = PRESETS[args.preset]
-    path = _model_path(preset, args.models)
+    path = _model_path(preset, args.models, args.tokenizer)
     if args.child:
         row = child(args.child, preset, args.n, path, args.scratch / args.child)
         print("RESULT " + json.dumps(row), flush=True)
         return
     n = args.prompts or preset["prompts"]
     rows = []
+    only = set(args.only.split(",")) if args.only else None
     for what, count in (("vanilla", min(n, preset["vanilla"])), ("stream-tenth", n // 10), ("stream", n)):
+        if only is not None and what not in only:
+            continue
         command = [sys.executable, "-m", "benchmarks.streaming", "--preset", args.preset, "--child", what,
                    "--n", str(count), "--scratch", str(args.scratch), "--models", str(args.models)]
+        if args.tokenizer is not None:
+            command += ["--tokenizer", str(args.tokenizer)]
         done = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(found[-1][len("RESULT "):]) if found else {"what": what, "error": done.stderr[-2000:]}
@@ -154,7 +168,7 @@ def main() -> None:
     if "stream" in by and "stream-tenth" in by:
         summary["peak RSS: N / N/10 (target <= 1.2)"] = by["stream"]["peak_rss_gib"] / by["stream-tenth"]["peak_rss_gib"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"streaming-{args.preset}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    (args.out / f"streaming-{args.preset}{'-' + args.only.replace(',', '-') if args.only else ''}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     for name, value in summary.items():
         print(f"{name}: {value:.3f}")
 

@@ -367,8 +367,11 @@ def _stop_engine_profile(worker: Any, stem: str) -> None:
 class Bench:
     """Times each (workload, system), keeps tokens for cross-checks, writes as it goes."""
 
-    def __init__(self, preset: str, out: Path, repeats: int, meta: dict, profile: bool = False) -> None:
+    def __init__(self, preset: str, out: Path, repeats: int, meta: dict, profile: bool = False,
+                 workloads: set[str] | None = None) -> None:
         self.preset, self.out, self.repeats, self.meta = preset, out, repeats, meta
+        #: the workloads timed (None: all); the others are skipped, warm-up included
+        self.workloads = workloads
         #: after the timed runs, run once more under cProfile and write the profile
         self.profile = profile
         self.rows: list[dict] = []
@@ -378,6 +381,8 @@ class Bench:
              units: Callable[[Any], int], unit: str, engine: Any = None) -> None:
         """Time ``fn`` (median of ``repeats``) after one call of ``warmup``, a smaller run of
         the same kind that brings every lazy path up (kernels, caches, allocator)."""
+        if self.workloads is not None and workload not in self.workloads:
+            return
         row = {"workload": workload, "system": system, "unit": unit}
         try:
             warmup()
@@ -676,6 +681,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the bundled model's)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--systems", default="all", help="comma-separated systems to run (default: all)")
+    parser.add_argument("--workloads", default="all",
+                        help="comma-separated workloads to time (steer, steer-all, lens, collect, sweep, sweep-one, "
+                             "sweep-calls; default: all)")
     parser.add_argument("--tp2", action="store_true", help="also run steer at tensor parallel 2")
     parser.add_argument("--gpu-memory", type=float, default=0.45, help="gpu_memory_utilization per engine")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -732,7 +740,8 @@ def main() -> None:
                                  f"last position, top-{TOP_K}",
                          "collect": f"{len(collect_prompts)} prompts x {preset['collect'][1]} tokens, last-token "
                                     f"residual stream of all {layers} layers"}
-    bench = Bench(args.preset + args.tag, args.out, repeats, meta, profile=args.profile)
+    bench = Bench(args.preset + args.tag, args.out, repeats, meta, profile=args.profile,
+                  workloads=None if args.workloads == "all" else set(args.workloads.split(",")))
     wanted = None if args.systems == "all" else set(args.systems.split(","))
 
     def want(system: str) -> bool:
