@@ -46,21 +46,6 @@ def _wait(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError("the server did not start")
 
 
-def _wait_for_gpu_memory(timeout: float = 120) -> None:
-    """Wait until a stopped server's engine has given the GPU's memory back, so that the
-    next server can take the same share."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        free, total = torch.cuda.mem_get_info()
-        if free > 0.8 * total:
-            return
-        time.sleep(1)
-
-
 def _engine_flags(path: str) -> list[str]:
     import torch
 
@@ -156,6 +141,7 @@ def main() -> None:
     import torch
     import transformers
 
+    from benchmarks.throughput import _wait_for_gpu_memory
     from nnterp.bundled import find_loadable
     from nnterp.dsl import Graph, Steer
 
@@ -193,7 +179,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=120)
-            _wait_for_gpu_memory()
+            _wait_for_gpu_memory(timeout=120)  # the next server takes the same share
     ratio = rows["nnterp serve"]["tokens_per_s"] / rows["vllm serve"]["tokens_per_s"]
     print(f"tokens/s, nnterp serve (half steered) / vllm serve (no graphs): {ratio:.3f} (target on an H200: 0.85)")
     args.out.mkdir(parents=True, exist_ok=True)
