@@ -165,8 +165,11 @@ class StepEngine:
             logits_module.register_forward_hook(self._on_logits)
         self.projecting = False
 
+        #: vector rows written by installs, not yet on the device (`_upload_rows`)
+        self.pending_rows: dict[int, torch.Tensor] = {}
+
         def write_row(row: int, vector: torch.Tensor) -> None:
-            self.state.vector[row].copy_(vector.to(self.state.vector.dtype))
+            self.pending_rows[row] = vector.to(self.state.vector.dtype, copy=True)
 
         self.plans = InstalledPlans(self.site_index, self.state.vector.shape[0], write_row)
         self.dirty: set[int] = set()
@@ -206,6 +209,8 @@ class StepEngine:
         """Work out this step's tables on the host and copy them to the device."""
         self.step_reads, self.sampling = [], []
         if not self.plans and not self.dirty:
+            if self.pending_rows:  # a plan installed and gone before any step
+                self._upload_rows()
             return  # nothing installed, and the tables are already neutral
         stage = self._take_stage()
         touched: set[int] = set()
@@ -222,9 +227,30 @@ class StepEngine:
             stage.neutral(site, self.dump)
         for site in touched | self.dirty:
             self.state.active[site] = site in touched
+        if self.pending_rows:  # written by installs, and by this step's first use of a row
+            self._upload_rows()
         self._copy_tables(stage, touched)
         stage.dirty = touched
         self.dirty = touched
+
+    def _upload_rows(self) -> None:
+        """Put the vector rows written since the last step (by installs, and by this
+        step's first use of a composed row) on the device, in one copy queued before this
+        step's forward pass.
+
+        Nothing writes the device row by row: an install arrives between steps (a server
+        installs a plan per steered request, while other requests run), and a copy from
+        pageable host memory first waits for every kernel already queued, a whole step,
+        while the host could not prepare the next one. Queued here, in stream order, the
+        rows land after the steps that may still read a row's earlier content (a row
+        given back by a removed plan) and before the first step that uses them."""
+        rows = sorted(self.pending_rows)
+        vectors = torch.stack([self.pending_rows[row] for row in rows])
+        self.pending_rows = {}
+        device = self.state.vector.device
+        self.state.vector.index_copy_(0, upload(np.array(rows, dtype=np.int64), device),
+                                      vectors.to(device) if device.type != "cuda"
+                                      else vectors.pin_memory().to(device, non_blocking=True))
 
     def _take_stage(self) -> "Staging":
         """The staging set to fill this step, once its copy of two steps ago has left it."""
@@ -352,6 +378,22 @@ class StepEngine:
         if not self.step_reads:
             return
         entries, self.step_reads = self.step_reads, []
+        try:
+            self._rebuild_reads(entries)
+        finally:
+            self._copies_queued(run for run, _ in entries)
+
+    def _copies_queued(self, runs: Any) -> None:
+        """Mark the step's host copies of ``runs``' values: `collect` waits for them,
+        and for nothing else the device has queued."""
+        if not self.state.captured.is_cuda:
+            return  # copies to a CPU are done when they return
+        event = torch.cuda.Event()
+        event.record()
+        for run in runs:
+            run.copied = event
+
+    def _rebuild_reads(self, entries: list[tuple[PlanRun, np.ndarray]]) -> None:
         table = np.concatenate([reads for _, reads in entries])
         device = self.state.captured.device
         # capture row, a, vector row: one upload (float64 holds the indices exactly)
@@ -425,7 +467,7 @@ class StepEngine:
     def _on_logits(self, module: Any, args: Any, logits: Any) -> Any:
         if self.projecting or not self.sampling or logits is None:
             return None
-        edited = False
+        edited, copied = False, []
         for run, row, prompt_row, step, actions in self.sampling:
             for index, op in actions:
                 if isinstance(op, (ZeroOp, PatchOp)):
@@ -436,7 +478,10 @@ class StepEngine:
                 else:
                     run.keep(index, to_host(logits[row:row + 1].float().clone()),
                              np.array([[prompt_row, step, 0]]))
+                    copied.append(run)
         self.sampling = []
+        if copied:
+            self._copies_queued(copied)
         return logits if edited else None
 
     # -- results -------------------------------------------------------------------------
@@ -450,8 +495,10 @@ class StepEngine:
         whether this worker replies (under tensor parallelism every rank holds the same
         values, and rank 0 replies)."""
         run = self.plans.remove(plan_id)
-        if self.state.captured.is_cuda:
-            torch.cuda.synchronize()  # every host copy has landed
+        if run.copied is not None:
+            # its host copies have landed. Only those: a server collects a plan per
+            # request while others run, and a device-wide wait would stall their steps
+            run.copied.synchronize()
         if not reports:
             return None
         return ship(run.values, run.stats)

@@ -46,6 +46,8 @@ class PlanRun:
         self.computed_sites = [site for site in program.site_ops if program.constant_row(site) is None]
         #: what happened to the plan's requests: steps, chunked prompt passes, preemptions
         self.stats = {"steps": 0, "prompt_chunks": 0, "preemptions": 0}
+        #: an event after the last host copies of its values were queued (GPU only)
+        self.copied: Any = None
 
     def keep(self, index: int, value: Any, meta: np.ndarray) -> None:
         self.values.setdefault(index, []).append((value, meta))
