@@ -18,6 +18,7 @@ A `RunResult` carries a manifest with everything needed to run the same thing ag
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -220,21 +221,28 @@ def _loaded(jobs: Sequence[Job], model: Any, backend: str | None, label: str | N
     return model_for(model, backend, probe)
 
 
+def _tokenized(prompt_lists: Sequence[Sequence[str]], tokenizer: Any, first_row: int = 0) -> list[Prompts]:
+    """Each list of prompts with its token ids, tokenized in one batch call: validation's
+    position checks and the executor share the ids."""
+    every = Prompts.tokenize([p for prompts in prompt_lists for p in prompts], tokenizer)
+    per_list, at = [], 0
+    for prompts in prompt_lists:
+        stop = at + len(prompts)
+        per_list.append(Prompts(every.texts[at:stop], every.token_ids[at:stop], first=first_row))
+        at = stop
+    return per_list
+
+
 def _run_jobs(jobs: list[Job], model: Any, backend: str | None, label: str | None,
-              first: int = 0, first_row: int = 0) -> list[RunResult]:
+              first: int = 0, first_row: int = 0, tokenized: list[Prompts] | None = None) -> list[RunResult]:
     """The jobs' results. ``first``: the index of the first job in the caller's batch (its
     problems' names); ``first_row``: the run's row of each job's first prompt (a shard of
-    a streamed run: its prompts sample with the run's seeds, `Prompts.first`)."""
+    a streamed run: its prompts sample with the run's seeds, `Prompts.first`);
+    ``tokenized``: each job's prompts, tokenized already (a streamed run tokenizes the
+    next shard while this one runs)."""
     model = _loaded(jobs, model, backend, label, [job.prompts for job in jobs], first)
     tokenizer = model.tokenizer
-    # tokenized once, in one batch call: validation's position checks and the
-    # executor share the ids
-    every = Prompts.tokenize([p for job in jobs for p in job.prompts], tokenizer)
-    per_job, at = [], 0
-    for job in jobs:
-        stop = at + len(job.prompts)
-        per_job.append(Prompts(every.texts[at:stop], every.token_ids[at:stop], first=first_row))
-        at = stop
+    per_job = tokenized if tokenized is not None else _tokenized([job.prompts for job in jobs], tokenizer, first_row)
     spec = _validate_jobs(jobs, model, backend, label, per_job, first)
     groups = group_jobs(jobs)
     planned = []
@@ -279,9 +287,16 @@ def _run_streamed(graphs: list[Graph], label: str | None, model: Any, prompts: A
                 "model": _model_key(model), "backend": model.backend, "shard_prompts": shard_prompts}
     plan = Stream(os.fspath(out), KIND_GRAPHS, identity, shard_prompts, progress, count_prompts(prompts))
 
-    def run_chunk(chunk: list[str], first: int) -> list[RunResult]:
+    # the reading thread's own tokenizer: a fast tokenizer's settings are not safe to
+    # share between threads
+    reading_tokenizer = copy.deepcopy(model.tokenizer)
+
+    def run_chunk(chunk: list[str], first: int, tokenized: Prompts) -> list[RunResult]:
+        # every graph runs on the chunk's prompts: tokenized once, on the reading thread
+        prompts = Prompts(tokenized.texts, tokenized.token_ids, first=first)
         try:
-            return _run_jobs([Job(g, chunk, sampling) for g in graphs], model, backend, label, first_row=first)
+            return _run_jobs([Job(g, chunk, sampling) for g in graphs], model, backend, label, first_row=first,
+                             tokenized=[prompts] * len(graphs))
         except ValidationError as err:
             raise ValidationError(err.problems, header=f"prompts {first} .. {first + len(chunk) - 1} of the "
                                                        f"input: {err.header or 'a problem was found:'}") from None
@@ -293,7 +308,7 @@ def _run_streamed(graphs: list[Graph], label: str | None, model: Any, prompts: A
         return manifest
 
     stream(plan, iter_prompts(prompts, "run"), run_chunk, prompts_of=lambda prompt: (prompt,),
-           manifest_of=manifest_of)
+           manifest_of=manifest_of, prepare=lambda chunk: Prompts.tokenize(chunk, reading_tokenizer))
     return open_results(out)
 
 
@@ -319,8 +334,12 @@ def _run_batch_streamed(jobs: Iterable[Any], model: Any, backend: str | None, ou
         return {k: v for k, v in results[0].manifest.items()
                 if k in ("nnterp_run", "model", "backend", "executor", "versions")}
 
-    stream(plan, items, lambda chunk, start: _run_jobs(chunk, model, backend, "jobs", first=start),
-           prompts_of=lambda job: job.prompts, manifest_of=manifest_of, digest_of=digest_of)
+    reading_tokenizer = copy.deepcopy(model.tokenizer)  # see _run_streamed
+
+    stream(plan, items, lambda chunk, start, tokenized: _run_jobs(chunk, model, backend, "jobs", first=start,
+                                                                  tokenized=tokenized),
+           prompts_of=lambda job: job.prompts, manifest_of=manifest_of, digest_of=digest_of,
+           prepare=lambda chunk: _tokenized([job.prompts for job in chunk], reading_tokenizer))
     return open_results(out)
 
 

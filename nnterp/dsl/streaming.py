@@ -2,9 +2,10 @@
 
 ``run(..., out=DIR)`` and ``run_batch(..., out=DIR)`` read their input a chunk at a
 time (``shard_prompts`` prompts), run each chunk as an ordinary in-memory call, and
-write its results as one shard (`nnterp.dsl.stored`). Memory holds the chunk being run
-and the one being written, whatever the input's length: the writer is a thread of its
-own, so the model never waits for the disk.
+write its results as one shard (`nnterp.dsl.stored`). Memory holds the chunk being run,
+the one being written and the prompts of the one being read, whatever the input's
+length: reader and writer are threads of their own, so the model waits for neither the
+input nor the disk.
 
 Resuming: a directory whose index already names shards was written by an earlier run.
 This run must be the same (its `identity`: graphs, sampling, model configuration and
@@ -116,19 +117,27 @@ def _check_files(directory: str, shards: list[dict]) -> None:
                            f"({', '.join(missing[:3])}); restore them, or delete the directory to start over")
 
 
-def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], int], list[RunResult]],
+def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], int, Any], list[RunResult]],
            prompts_of: Callable[[Any], Sequence[str]], manifest_of: Callable[[list[RunResult]], dict],
-           digest_of: Callable[[list[Any]], str] | None = None) -> None:
+           digest_of: Callable[[list[Any]], str] | None = None,
+           prepare: Callable[[list[Any]], Any] | None = None) -> None:
     """Run ``items`` chunk by chunk into ``plan.directory``, resuming what is there.
+
+    Three things overlap: the next chunk is read (and ``prepare``d) on a thread of its
+    own while the model runs the current one, and the previous one is written on
+    another. The model waits neither for the input (a generator, a file, a dataset)
+    nor for the disk.
 
     Args:
         items: the input: prompts (graphs kind) or jobs (jobs kind), read lazily.
-        run_chunk: ``(chunk, index of its first item) -> results``: one result per graph
-            (graphs kind) or per job (jobs kind).
+        run_chunk: ``(chunk, index of its first item, what prepare gave) -> results``:
+            one result per graph (graphs kind) or per job (jobs kind).
         prompts_of: an item's prompts (a prompt itself, or a job's).
         manifest_of: the index's manifest, from the first chunk's results.
         digest_of: a chunk's digest, which a resumed run's input must reproduce (default:
             the digest of its prompts; jobs add their graphs and sampling).
+        prepare: work on a chunk that needs no model (tokenizing it), done on the
+            reading thread; None: nothing.
     """
     if digest_of is None:
         digest_of = lambda chunk: prompts_digest([p for item in chunk for p in prompts_of(item)])  # noqa: E731
@@ -161,7 +170,13 @@ def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], i
                disable=not plan.progress, dynamic_ncols=True)
     started, tokens = time.perf_counter(), 0
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnterp-shards")
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnterp-input")
     pending: concurrent.futures.Future | None = None
+
+    def read_chunk() -> tuple[list[Any], Any]:
+        # only this thread reads ``items`` from here on, one chunk at a time
+        chunk = _next_chunk(items, plan.shard_prompts, prompts_of)
+        return chunk, (prepare(chunk) if prepare is not None and chunk else None)
 
     def commit(number: int, results: list[RunResult], entry: dict) -> None:
         write_shard(os.path.join(directory, shard_name(number)), results, manifests=jobs)
@@ -174,11 +189,15 @@ def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], i
         write_index(directory, index)
 
     try:
+        upcoming = reader.submit(read_chunk)
         while True:
-            chunk = _next_chunk(items, plan.shard_prompts, prompts_of)
+            # a bad item (a prompt that is not a string) fails here, after the chunks
+            # before it are written: a run resumed once it is fixed keeps them
+            chunk, prepared = upcoming.result()
             if not chunk:
                 break
-            results = run_chunk(chunk, items_done)
+            upcoming = reader.submit(read_chunk)  # read while this chunk runs
+            results = run_chunk(chunk, items_done, prepared)
             prompts = [p for item in chunk for p in prompts_of(item)]
             if pending is not None:
                 pending.result()  # the previous shard is written: at most two chunks in memory
@@ -199,6 +218,9 @@ def stream(plan: Stream, items: Iterator[Any], run_chunk: Callable[[list[Any], i
         write_index(directory, index)
     finally:
         writer.shutdown(wait=True)
+        # a read in flight finishes (the input's own iterator cannot be interrupted);
+        # its chunk is dropped, and a resumed run reads it again
+        reader.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
 
