@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 import torch
 
-from nnterp.dsl import Graph, Lens, Read, Sampling, Steer, Zero, ValidationError, run, validate
+from nnterp.dsl import Graph, Lens, Patch, Read, Sampling, Steer, Zero, ValidationError, run, validate
 from test_dsl_run import _compare
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -153,6 +153,36 @@ def test_concurrent_clients_with_different_graphs_each_get_their_own_answer(serv
         thread.join(timeout=300)
     for key in graphs:
         assert got[key] == [want[key]] * 6, key
+
+
+def test_requests_whose_edits_overfill_the_vector_table_wait_their_turn_and_get_their_answer(server, vllm_models):
+    """Three patches of 120 rows each, at once: 360 rows of a 255-row table. Installed
+    together they would run out of rows in the engine's step (every client's); the server
+    holds the third until rows are free, and every answer equals a local run."""
+    local = vllm_models("bundled")
+    client, name = server["client"], server["model"]
+    prompt = " ".join(["river", "stone", "cloud"] * 50)
+    positions = list(range(2, 122))
+    generator = torch.Generator().manual_seed(3)
+    graphs = [Graph([Patch("layers[12].output", value=8 * torch.randn(len(positions), local.hidden_size,
+                                                                      generator=generator), positions=positions)])
+              for _ in range(3)]
+    want = [run(graph, local, [prompt], sampling=Sampling(max_tokens=4)).texts[0] for graph in graphs]
+    assert len(set(want)) > 1  # the patches differ in what they make
+    got: list = [None] * 3
+
+    def ask(i: int) -> None:
+        got[i] = client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0,
+                                           extra_body=_extra(graphs[i])).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert got == want
+    plain = client.completions.create(model=name, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert plain.choices[0].text == run(Graph([]), local, [PROMPT], sampling=Sampling(max_tokens=2)).texts[0]
 
 
 def _loader_corpus() -> list:

@@ -133,8 +133,30 @@ def vector_rows_bound(graph: Any) -> int:
             key = (node.site.kind, node.site.layer)
             starts, steers = sites.get(key, (1, 0))
             sites[key] = (starts + max(1, _vectors(node)), steers)
-    bound = sum(starts * 2 ** min(steers, 16) - 1 for starts, steers in sites.values())
-    return max(bound, vector_rows_needed(graph))
+    return max(_combinations(sites), vector_rows_needed(graph))
+
+
+def _combinations(sites: dict[Any, tuple[int, int]]) -> int:
+    """Rows for every site's ``(starts, steers)``: each start with any subset of the
+    steers, less the empty edit (row 0)."""
+    return sum(starts * 2 ** min(steers, 16) - 1 for starts, steers in sites.values())
+
+
+def plan_vector_rows_bound(plan: Any) -> int:
+    """`vector_rows_bound` of a lowered plan (its ops name the sites): what a server
+    reserves of the engine's table for a plan it installs beside others."""
+    from nnterp.dsl.plan import PatchOp, SteerOp, ZeroOp
+
+    sites: dict[Any, tuple[int, int]] = {}
+    for op in plan.ops:
+        if isinstance(op, SteerOp):
+            starts, steers = sites.get(op.site, (1, 0))
+            sites[op.site] = (starts, steers + 1)
+        elif isinstance(op, (ZeroOp, PatchOp)):
+            shape = op.value.shape if isinstance(op, PatchOp) else ()
+            starts, steers = sites.get(op.site, (1, 0))
+            sites[op.site] = (starts + (shape[0] if len(shape) == 2 else 1), steers)
+    return _combinations(sites)
 
 
 @rule(Node)

@@ -15,6 +15,7 @@ import asyncio
 from typing import Any, Sequence
 
 from nnterp.dsl.spec import DescribedModel, ModelSpec
+from nnterp.serve.vector_rows import VectorRowBudget
 
 __all__ = ["EngineModel"]
 
@@ -34,10 +35,19 @@ class EngineModel(DescribedModel):
                  identity: dict) -> None:
         super().__init__(spec, tokenizer, identity)
         self.engine, self.loop = engine, loop
+        #: the engine's vector table, as every request in flight reserves it
+        self.rows = VectorRowBudget(spec.vector_rows - 1)
 
     def execute_many(self, jobs: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
-        """Run the plans on the engine, from a thread other than the loop's."""
+        """Run the plans on the engine, from a thread other than the loop's, once their
+        vector rows are reserved (`nnterp.serve.vector_rows`)."""
         from nnterp.backends.vllm_execute import execute_async_many
+        from nnterp.dsl.rules import plan_vector_rows_bound
 
-        future = asyncio.run_coroutine_threadsafe(execute_async_many(self.engine, self.tokenizer, jobs), self.loop)
-        return future.result()
+        need = min(sum(plan_vector_rows_bound(plan) for plan, _, _ in jobs), self.rows.rows)
+
+        async def execute() -> list[Any]:
+            async with self.rows.held(need):
+                return await execute_async_many(self.engine, self.tokenizer, jobs)
+
+        return asyncio.run_coroutine_threadsafe(execute(), self.loop).result()

@@ -133,6 +133,8 @@ class NnterpGate:
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
+        #: run requests worked on at once (`ServeLimits.concurrent_runs`)
+        self.runs = asyncio.Semaphore(state.limits.concurrent_runs)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -167,7 +169,7 @@ class NnterpGate:
             return await _refuse(send, RequestProblem(413, [{"where": "body", "what": "the request body is over "
                                                              f"the server's limit of {limits.document_bytes:,} bytes "
                                                              "(plus 4 MiB for the rest)", "fix": "send a smaller graph"}]))
-        plan_id = None
+        plan_id, rows = None, 0
         try:
             data = parse_body(body) if body else None
         except RequestProblem as error:  # what nnterp cannot read exactly, vLLM does not get
@@ -183,7 +185,7 @@ class NnterpGate:
                                                    f"not on {scope['path']}",
                         "fix": "send the request to /v1/completions or /v1/chat/completions, or to /nnterp/run"}]))
                 try:
-                    plan_id = await self._install(data)
+                    plan_id, rows = await self._install(data)
                 except RequestProblem as error:
                     return await _refuse(send, error)
             body = json.dumps(data).encode()
@@ -202,10 +204,16 @@ class NnterpGate:
             await self.app(scope, replay, send)
         finally:
             if plan_id is not None:  # the response is over: the plan goes, whatever happened
-                await self.state.engine.collective_rpc("nnterp_collect", args=([plan_id],))
+                try:
+                    await self.state.engine.collective_rpc("nnterp_collect", args=([plan_id],))
+                finally:
+                    self.state.model.rows.release(rows)
 
-    async def _install(self, data: dict) -> str:
+    async def _install(self, data: dict) -> tuple[str, int]:
+        """Check, lower and install the graph of a completion: its plan's id and the
+        vector rows reserved for it (given back once the plan is collected)."""
         from nnterp.dsl.lowering import lower
+        from nnterp.dsl.rules import plan_vector_rows_bound
 
         limits, model = self.state.limits, self.state.model
         options = data.pop("nnterp")
@@ -241,11 +249,19 @@ class NnterpGate:
             return lower(graph, model.spec, max_tokens=requested)
 
         plan = await asyncio.to_thread(check)
+        # a full table makes the request wait for rows, not fail in the engine's step; a
+        # plan whose bound is the whole table (validation checked it fits) runs alone
+        rows = min(plan_vector_rows_bound(plan), model.rows.rows)
+        await model.rows.acquire(rows)
         plan_id = f"serve-{uuid.uuid4().hex}"
-        await self.state.engine.collective_rpc("nnterp_install", args=([(plan_id, pickle.dumps(plan))],))
+        try:
+            await self.state.engine.collective_rpc("nnterp_install", args=([(plan_id, pickle.dumps(plan))],))
+        except BaseException:
+            model.rows.release(rows)
+            raise
         extra = data.get("vllm_xargs") if isinstance(data.get("vllm_xargs"), dict) else {}
         data["vllm_xargs"] = {**extra, "nnterp": [plan_id, 0]}
-        return plan_id
+        return plan_id, rows
 
     # -- /nnterp -------------------------------------------------------------------------
 
@@ -277,7 +293,8 @@ class NnterpGate:
             return await _refuse(send, error)
         if path == "/nnterp/validate":
             return await _reply(send, 200, json.dumps({"ok": True, "problems": []}).encode())
-        return await self._run(send, graph, prompts, sampling)
+        async with self.runs:  # the rest wait their turn, checked already
+            return await self._run(send, graph, prompts, sampling)
 
     async def _run(self, send: Any, graph: Any, prompts: list[str], sampling: Any) -> None:
         from nnterp.dsl import run
