@@ -371,7 +371,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("document-bytes", "bytes of a graph document"), ("nodes", "nodes per graph"),
                             ("tensor-bytes", "bytes of a request's tensors"), ("prompts", "prompts per run request"),
                             ("max-tokens", "tokens one request may generate"),
-                            ("output-bytes", "bytes of one run's results")):
+                            ("output-bytes", "bytes of one run's results"),
+                            ("concurrent-runs", "/nnterp/run requests worked on at once (more wait)")):
         flag = name if name.startswith("max-") else f"max-{name}"
         serve.add_argument(f"--{flag}", type=int, default=None, help=f"limit: {help_text}")
     serve.add_argument("--shutdown-timeout", type=int, default=10,

@@ -23,6 +23,10 @@ class ServeLimits:
         prompts: prompts in one run request.
         max_tokens: tokens one request may generate.
         output_bytes: bytes of one run's results as sent back.
+        concurrent_runs: ``/nnterp/run`` requests worked on at once; more wait their
+            turn. Each holds its results in the server's memory until they are sent
+            (up to ``output_bytes``), so this bounds that memory. Completions are not
+            counted: vLLM batches them as it does any request.
     """
 
     document_bytes: int = attrs.field(default=8 * 2**20, validator=_positive)
@@ -31,3 +35,4 @@ class ServeLimits:
     prompts: int = attrs.field(default=1024, validator=_positive)
     max_tokens: int = attrs.field(default=4096, validator=_positive)
     output_bytes: int = attrs.field(default=512 * 2**20, validator=_positive)
+    concurrent_runs: int = attrs.field(default=4, validator=_positive)
