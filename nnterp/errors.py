@@ -18,6 +18,7 @@ __all__ = [
     "ValidationError",
     "GraphFormatError",
     "ResultsError",
+    "CaptureOverflowError",
     "renamed_argument",
 ]
 
@@ -157,4 +158,13 @@ class ResultsError(NnterpError, ValueError):
     A streamed run resumes only the run that wrote the directory (same graphs, sampling,
     model, backend, shard size and input): resuming another would mix two runs' results
     in one dataset without a word.
+    """
+
+
+class CaptureOverflowError(NnterpError, OverflowError):
+    """A step of a vLLM run read more rows than the engine's capture buffer holds.
+
+    The run fails with this error and the engine goes on serving: the step's other
+    plans (a server's other requests) are not touched. The fix is a larger buffer
+    (``capture_bytes=``) or fewer prompts or reads at once.
     """

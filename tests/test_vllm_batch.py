@@ -354,3 +354,26 @@ def test_private_names_of_vllm_and_nnsight_are_spelled_in_the_adapter_only():
             code = re.sub(r"(#.*|``[^`]*``|`[^`]*`)", "", line)  # comments and quoted names aside
             found += [f"{path.relative_to(root)}:{number}: {line.strip()}" for name in names if re.search(name, code)]
     assert found == []
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_step_that_reads_past_the_capture_buffer_fails_its_run_not_the_engine(vllm_models):
+    """16 tokens a step and a buffer of 16 + 64 rows: reading every position of 12 sites
+    is 16 rows a site a step. The run fails with a clear error; the engine goes on,
+    and its next run equals a fresh engine's."""
+    from nnterp.errors import CaptureOverflowError
+
+    plain = vllm_models("llama")
+    small = vllm_models("llama", capture_bytes=1, enable_chunked_prefill=True, max_num_batched_tokens=16,
+                        max_num_seqs=4, max_model_len=128)
+    sites = [f"{kind}[{i}].{end}" for i in range(small.num_layers)
+             for kind, end in (("layers", "input"), ("layers", "output"), ("attentions", "output"), ("mlps", "output"))]
+    every = Graph([Read(site, positions=None) for site in sites])
+    assert len(sites) * 16 > 16 + 64
+    with pytest.raises(CaptureOverflowError, match="capture buffer"):
+        run([every, _graph(small)], small, PROMPTS, sampling=Sampling(max_tokens=2))
+    want = run(_graph(plain), plain, PROMPTS, sampling=Sampling(max_tokens=4))
+    got = run(_graph(small), small, PROMPTS, sampling=Sampling(max_tokens=4))
+    assert got.tokens == want.tokens
+    _same_outputs(got, want, atol=1e-5)

@@ -305,14 +305,18 @@ class StepEngine:
                     scale, rows = np.where(mine, scale, before[0]), np.where(mine, rows, before[1])
                 tables[site] = (scale, rows)
                 touched.add(site)
-                if capture is not None:
+                if capture is not None and run.failure is None:
                     k = len(capture.tokens)
                     if used + k > self.state.capacity:
-                        raise OverflowError(
+                        # this plan fails (at its collect), not the step: the engine and
+                        # the step's other plans go on. Its edits still apply, so its
+                        # requests run to their end as they would have.
+                        run.failure = (
                             f"nnterp: one step reads {used + k} rows, more than the capture buffer's "
                             f"{self.state.capacity}; load the model with a larger one, "
                             f"StandardizedTransformer(..., backend='vllm', capture_bytes=N), or run fewer "
                             f"prompts or reads at once")
+                        continue
                     captures.append((site, capture.tokens, used))
                     reads = capture.reads.copy()
                     reads[:, ReadColumn.CAPTURE] += used
@@ -501,6 +505,8 @@ class StepEngine:
             run.copied.synchronize()
         if not reports:
             return None
+        if run.failure is not None:
+            return ship({}, run.stats, failure=run.failure)
         return ship(run.values, run.stats)
 
 

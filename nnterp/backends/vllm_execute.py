@@ -131,13 +131,20 @@ class BatchRequests:
         """One `Execution` per job from the workers' ``nnterp_collect`` replies and each
         request's generated tokens (in request order)."""
         from nnterp.backends.vllm_transport import read_blocks
+        from nnterp.errors import NnterpError
 
         blocks = next(reply for reply in replies if reply is not None and reply[0] is not None)
-        executions, at = [], 0
+        executions, at, failed = [], 0, None
         for (plan, prompts, _), payload in zip(self.jobs, blocks):
-            values, stats = read_blocks(plan, payload)
+            try:  # every reply is read (each may hold a shared-memory file to remove)
+                values, stats = read_blocks(plan, payload)
+            except NnterpError as err:  # a plan that failed in a step; the engine went on
+                failed = failed or err
+                continue
             executions.append(Execution(values, tokens[at:at + len(prompts)], BATCHED, stats=stats))
             at += len(prompts)
+        if failed is not None:
+            raise failed
         return executions
 
 

@@ -48,6 +48,8 @@ class PlanRun:
         self.stats = {"steps": 0, "prompt_chunks": 0, "preemptions": 0}
         #: an event after the last host copies of its values were queued (GPU only)
         self.copied: Any = None
+        #: why the plan failed in a step (its reads did not fit), or None
+        self.failure: str | None = None
 
     def keep(self, index: int, value: Any, meta: np.ndarray) -> None:
         self.values.setdefault(index, []).append((value, meta))

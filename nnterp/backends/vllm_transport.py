@@ -41,12 +41,15 @@ class InFile:
     shape: tuple
 
 
-def ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict) -> bytes:
-    """The worker's reply: per op, the rows' sorted meta and where each sorted tensor is.
+def ship(values: dict[int, list[tuple[Any, np.ndarray]]], stats: dict, failure: str | None = None) -> bytes:
+    """The worker's reply: per op, the rows' sorted meta and where each sorted tensor is;
+    or, for a plan that failed in a step, why (``failure``), which the client raises.
 
     Rows arrive step by step, mostly already in order; each chunk is written straight
     to its sorted place in the output, which is a pickled tensor (small payloads) or a
     slice of one file in shared memory (large ones)."""
+    if failure is not None:
+        return pickle.dumps({"blocks": [], "stats": stats, "file": None, "size": 0, "failure": failure})
     plans = []  # (op index, sorted meta, [(chunks of one field, dtype, row shape)], tuple?)
     size = 0
     for index, chunks in values.items():
@@ -192,6 +195,10 @@ def read_blocks(plan: Plan, reply: bytes) -> tuple[BlockValues, dict]:
     import os
 
     payload = pickle.loads(reply)
+    if payload.get("failure") is not None:
+        from nnterp.errors import CaptureOverflowError
+
+        raise CaptureOverflowError(payload["failure"])
     buffer = None
     if payload["file"] is not None:
         try:
